@@ -1,0 +1,1 @@
+"""Conda channels: the repodata source, the record model, MatchSpec semantics and the writer."""

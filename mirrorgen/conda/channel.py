@@ -1,0 +1,142 @@
+"""A conda channel as the sync runner sees it: where each file comes from, what it must hash to,
+and which index files to publish, in which order (CEP-16 shards, then repodata.json.zst, then
+repodata.json — the file clients read first goes last)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from ..config import MirrorConfig
+from ..transport import Transport
+from ..urls import join_url
+from .matchspec import CondaEcosystem
+from .record import CondaRecord
+from .source import ChannelIndex, CondaSource
+from .writer import compress_zst, render_channeldata, render_repodata, render_shards
+
+__all__ = ["CondaChannel", "IndexFile"]
+
+_PACKAGE_RE: Final = re.compile(r"\.(?:conda|tar\.bz2)$")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexFile:
+    relpath: str
+    data: bytes
+    # Content-addressed files (shards) never change once written: no need to rewrite them.
+    immutable: bool = False
+
+
+class CondaChannel:
+    type: Final = "conda"
+
+    def __init__(self, mirror: MirrorConfig) -> None:
+        self.mirror = mirror
+        self.ecosystem = CondaEcosystem()
+        self.index: ChannelIndex | None = None
+
+    async def read(self, transport: Transport) -> list[CondaRecord]:
+        self.index = await CondaSource(self.mirror, transport).read()
+        return self.index.records()
+
+    def rejected(self) -> dict[str, str]:
+        assert self.index is not None
+        return {k: v for s in self.index.subdirs.values() for k, v in s.rejected.items()}
+
+    def fetched_from(self) -> list[str]:
+        assert self.index is not None
+        return [u for s in self.index.subdirs.values() for u in s.fetched_from]
+
+    # -- package files ---------------------------------------------------------------------------
+
+    def file_url(self, record: CondaRecord) -> str:
+        return join_url(self.mirror.sources[record.source], record.channel_subdir, record.fn)
+
+    @staticmethod
+    def relpath(record: CondaRecord) -> str:
+        return record.key
+
+    @staticmethod
+    def expected(record: CondaRecord) -> tuple[int | None, str | None, str | None]:
+        return record.size, record.sha256, record.md5
+
+    @staticmethod
+    def is_package_path(relpath: str) -> bool:
+        return bool(_PACKAGE_RE.search(relpath)) and relpath.count("/") == 1
+
+    # -- index files -----------------------------------------------------------------------------
+
+    def render(self, kept: Iterable[CondaRecord]) -> Iterator[IndexFile]:
+        """Index files in publication order: shards, shard indexes, .zst, .json, channeldata."""
+        assert self.index is not None
+        by_subdir: dict[str, list[CondaRecord]] = defaultdict(list)
+        for record in kept:
+            by_subdir[record.channel_subdir].append(record)
+        subdirs = sorted(self.index.subdirs)
+        rendered = {}
+        for subdir in subdirs:
+            src = self.index.subdirs[subdir]
+            records = by_subdir.get(subdir, [])
+            repodata = render_repodata(subdir, records, src.info, src.removed)
+            shard_index, shards = render_shards(subdir, records, src.removed)
+            rendered[subdir] = (repodata, shard_index, shards)
+        for subdir in subdirs:
+            for relpath, data in rendered[subdir][2].items():
+                yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
+        for subdir in subdirs:
+            yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", rendered[subdir][1])
+        for subdir in subdirs:
+            yield IndexFile(f"{subdir}/repodata.json.zst", compress_zst(rendered[subdir][0]))
+        for subdir in subdirs:
+            yield IndexFile(f"{subdir}/repodata.json", rendered[subdir][0])
+        yield IndexFile("channeldata.json",
+                        render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
+                                           self.index.channeldata))
+
+    # -- reading back what was published (verify, clean) -----------------------------------------
+
+    @staticmethod
+    def published_files(mirror_dir: Path) -> dict[str, dict[str, Any]]:
+        """relpath -> record for every package file the published repodata.json files list."""
+        out: dict[str, dict[str, Any]] = {}
+        if not mirror_dir.is_dir():
+            return out
+        for repodata in sorted(mirror_dir.glob("*/repodata.json")):
+            subdir = repodata.parent.name
+            try:
+                doc = orjson.loads(repodata.read_bytes())
+            except (orjson.JSONDecodeError, OSError):
+                continue
+            for key in ("packages", "packages.conda"):
+                for fn, record in (doc.get(key) or {}).items():
+                    if isinstance(record, dict):
+                        out[f"{subdir}/{fn}"] = record
+        return out
+
+    @staticmethod
+    def published_index_files(mirror_dir: Path) -> set[str]:
+        """Index files that belong to the published channel (shards referenced by an index)."""
+        from .shards import decode_shard_index, shard_relpath
+
+        keep = {"channeldata.json"}
+        for index in mirror_dir.glob("*/repodata_shards.msgpack.zst"):
+            subdir = index.parent.name
+            keep.update({f"{subdir}/repodata.json", f"{subdir}/repodata.json.zst",
+                         f"{subdir}/repodata_shards.msgpack.zst"})
+            try:
+                doc = decode_shard_index(index.read_bytes())
+            except Exception:
+                continue
+            for digest in (doc.get("shards") or {}).values():
+                keep.add(f"{subdir}/{shard_relpath(digest)}")
+        for repodata in mirror_dir.glob("*/repodata.json"):
+            subdir = repodata.parent.name
+            keep.update({f"{subdir}/repodata.json", f"{subdir}/repodata.json.zst"})
+        return keep

@@ -1,0 +1,159 @@
+"""Conda's semantics for the filters: MatchSpec, version order and dependencies, all from py-rattler.
+
+Nothing here re-implements conda's rules; it adapts rattler's ``MatchSpec``, ``VersionSpec`` and
+``Version`` to the :class:`mirrorgen.records.Ecosystem` interface and caches what repeats (the same
+dependency string appears on thousands of records).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Final
+
+from rattler import BuildString, MatchSpec, PackageRecord, Version, VersionSpec
+
+from ..licenses import families_of
+from .record import CondaRecord
+
+__all__ = ["CondaSpec", "CondaEcosystem", "parse_matchspec", "conda_version"]
+
+_VERSION_LITERAL_RE: Final = re.compile(r"\d+(?:\.[0-9A-Za-z_]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class CondaSpec:
+    text: str
+    spec: MatchSpec = field(repr=False)
+    name: str | None
+
+    def matches(self, record: CondaRecord) -> bool:
+        if self.name is not None and record.name != self.name:
+            return False
+        return self.spec.matches(_package_record(record))
+
+
+@lru_cache(maxsize=65536)
+def parse_matchspec(text: str) -> CondaSpec:
+    """Parse a MatchSpec the way conda does (globs allowed in names); ValueError if invalid."""
+    try:
+        spec = MatchSpec(text, exact_names_only=False)
+    except Exception as exc:  # rattler raises its own InvalidMatchSpecError (not a ValueError)
+        raise ValueError(str(exc)) from None
+    exact = spec.name.as_package_name() if spec.name is not None else None
+    return CondaSpec(text=text, spec=spec, name=exact.normalized if exact is not None else None)
+
+
+@lru_cache(maxsize=262144)
+def conda_version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except Exception:  # an unparsable upstream version sorts first rather than stopping the run
+        return None
+
+
+def _package_record(record: CondaRecord) -> PackageRecord:
+    # Built lazily, only for records a spec's name selects, and kept on the record.
+    cached = record.__dict__.get("_rattler")
+    if cached is None:
+        def hexbytes(value: str | None, length: int) -> bytes | None:
+            try:
+                return bytes.fromhex(value) if value and len(value) == length else None
+            except ValueError:
+                return None
+
+        cached = PackageRecord(
+            name=record.name, version=record.version, build=BuildString(record.build),
+            build_number=record.build_number, subdir=record.subdir or record.channel_subdir,
+            depends=list(record.depends), constrains=list(record.constrains),
+            sha256=hexbytes(record.sha256, 64), md5=hexbytes(record.md5, 32), size=record.size,
+            license=record.license, license_family=record.license_family,
+        )
+        record.__dict__["_rattler"] = cached
+    return cached
+
+
+@lru_cache(maxsize=65536)
+def _python_dependency(dep: str) -> VersionSpec | None | bool:
+    """The version constraint of a ``python ...`` dependency: None if unconstrained, False if the
+    dependency is not on python, the VersionSpec otherwise."""
+    name = dep.split(None, 1)[0].split("[", 1)[0]
+    if name != "python":
+        return False
+    try:
+        version = MatchSpec(dep).version
+    except Exception:
+        return None
+    return VersionSpec(version) if version else None
+
+
+@lru_cache(maxsize=65536)
+def _admits_series(spec_text: str, series: str) -> bool:
+    """Whether a python version constraint admits any release of ``series`` (e.g. "3.11").
+
+    A version constraint is a union of intervals whose bounds are the literals written in it, so
+    testing the series' first and last release, and each literal inside the series together with a
+    point just above it, finds any overlap between the two.
+    """
+    spec = VersionSpec(spec_text)
+    candidates = {series, f"{series}.0", f"{series}.0.0", f"{series}.9999", f"{series}.9999.9999"}
+    for literal in _VERSION_LITERAL_RE.findall(spec_text):
+        if literal == series or literal.startswith(series + "."):
+            candidates.update({literal, f"{literal}.1", f"{literal}.9999"})
+    return any(spec.matches(Version(c)) for c in candidates)
+
+
+class CondaEcosystem:
+    name: Final = "conda"
+
+    def parse_spec(self, text: str) -> CondaSpec:
+        return parse_matchspec(text)
+
+    def version_key(self, record: CondaRecord) -> Any:
+        # rattler's Version implements conda's ordering; build_number breaks ties between builds.
+        version = conda_version(record.version)
+        return (version is not None, version if version is not None else _NO_VERSION, record.build_number)
+
+    def python_admits(self, record: CondaRecord, versions: Sequence[str]) -> bool | None:
+        if record.name == "python":
+            # The interpreter itself: keep only the configured series.
+            return any(record.version == v or record.version.startswith(v + ".") for v in versions)
+        for dep in record.depends:
+            constraint = _python_dependency(dep)
+            if constraint is False:
+                continue
+            if constraint is None:
+                return True
+            text = MatchSpec(dep).version or ""
+            return any(_admits_series(text, v) for v in versions)
+        return None
+
+    def timestamp(self, record: CondaRecord) -> float | None:
+        return record.seconds
+
+    def license_families(self, record: CondaRecord) -> frozenset[str]:
+        return families_of(record.license_family, record.license)
+
+    def dependencies(self, record: CondaRecord) -> Sequence[CondaSpec]:
+        out = []
+        for dep in record.depends:
+            if dep.startswith("__"):  # virtual packages (__glibc, __osx) are not in any channel
+                continue
+            try:
+                out.append(parse_matchspec(dep))
+            except ValueError:
+                continue
+        return out
+
+    def can_satisfy(self, dependent: CondaRecord, candidate: CondaRecord) -> bool:
+        if candidate.channel_subdir == "noarch" or dependent.channel_subdir == "noarch":
+            return True
+        return candidate.channel_subdir == dependent.channel_subdir
+
+    def latest_group(self, record: CondaRecord) -> Hashable:
+        return (record.name, record.channel_subdir)
+
+
+_NO_VERSION: Final = Version("0")

@@ -1,0 +1,241 @@
+"""CEP-16 sharded repodata: per-package-name shards plus a shard index.
+
+Spec: https://github.com/conda/ceps/blob/main/cep-0016.md. The layout below a
+subdir directory is::
+
+    <subdir>/repodata_shards.msgpack.zst         the shard index
+    <subdir>/shards/<sha256 hex>.msgpack.zst     one shard per package name
+
+Details the CEP leaves open are pinned to what the readers actually do:
+rattler (``rattler_repodata_gateway`` / ``rattler_conda_types::Shard``, what
+pixi and py-rattler use) and conda (``conda-libmamba-solver`` shards reader),
+and to what ``rattler_index`` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Final
+
+import msgpack
+import orjson
+import zstandard
+
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "BINARY_DIGEST_FIELDS",
+    "MAX_DECODED_SIZE",
+    "SHARDS_DIR",
+    "SHARD_INDEX_FILENAME",
+    "SHARD_INDEX_VERSION",
+    "SHARD_SUFFIX",
+    "TEXT_DIGEST_FIELDS",
+    "ZSTD_LEVEL",
+    "decode_shard",
+    "decode_shard_index",
+    "encode_shard",
+    "encode_shard_index",
+    "shard_digest",
+    "shard_relpath",
+]
+
+# CEP-16: "The shard index is a file that is stored under
+# <subdir>/repodata_shards.msgpack.zst".
+SHARD_INDEX_FILENAME: Final = "repodata_shards.msgpack.zst"
+# CEP-16: shards live at "<shards_base_url><sha256>.msgpack.zst"; rattler_index
+# writes shards_base_url "./shards/", i.e. <subdir>/shards/.
+SHARDS_DIR: Final = "shards"
+SHARD_SUFFIX: Final = ".msgpack.zst"
+# CEP-16 example index: {"version": 1, "info": {...}, "shards": {...}}.
+# rattler ignores the key (its ShardedRepodata has no deny_unknown_fields).
+SHARD_INDEX_VERSION: Final = 1
+# rattler_index writes shards and the index with zstd level 0, i.e. libzstd's
+# default (3). A shard's name is the hash of its compressed bytes, so changing
+# this renames every shard once (clients then refetch them all, once).
+ZSTD_LEVEL: Final = 3
+# Refuse to decode more than this (conda caps shards at 16 MiB; the largest
+# conda-forge shard is ~2.6 MB and the linux-64 index ~0.6 MB).
+MAX_DECODED_SIZE: Final = 64 * 2**20
+
+# CEP-16: "The sha256 and md5 from the original repodata fields are converted
+# from their hex representation to bytes." Field -> digest length in bytes.
+BINARY_DIGEST_FIELDS: Final[Mapping[str, int]] = {"sha256": 32, "md5": 16}
+# rattler also parses these as digests, but the CEP does not convert them and
+# conda's reader turns only sha256/md5 back into hex (then json.dumps the
+# records), so they stay hex strings; rattler accepts a hex str as well as bin
+# for every digest field (checked against py-rattler 0.28).
+TEXT_DIGEST_FIELDS: Final[Mapping[str, int]] = {"legacy_bz2_md5": 16, "attestations_sha256": 32}
+# Filenames rattler accepts as keys and in "removed" (DistArchiveIdentifier):
+# a known suffix (case-sensitive) after a "<name>-<version>-<build>" stem.
+ARCHIVE_SUFFIXES: Final = (".tar.bz2", ".conda", ".whl")
+
+_HEX: Final = re.compile(r"[0-9a-fA-F]+")
+_SHA256_SIZE: Final = 32
+
+
+def _pack(obj: object) -> bytes:
+    # use_bin_type=True: str -> msgpack str, bytes -> msgpack bin, so CEP-16
+    # digests are bin and all text is str (as rattler_index writes them).
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def _compress(data: bytes) -> bytes:
+    # One zstd frame with the content size in its header (readers that use
+    # zstandard.decompress() need it; rattler's streaming decoder ignores it).
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def _decompress(data: bytes) -> bytes:
+    # Streaming, so frames without a content size (rattler_index writes those)
+    # decode too.
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+        while chunk := reader.read(2**20):
+            out += chunk
+            if len(out) > MAX_DECODED_SIZE:
+                raise ValueError(f"decoded shard data exceeds {MAX_DECODED_SIZE} bytes")
+    return bytes(out)
+
+
+def _is_archive_filename(filename: str) -> bool:
+    for suffix in ARCHIVE_SUFFIXES:
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)].count("-") >= 2
+    return False
+
+
+def _digest(value: object, size: int) -> bytes | None:
+    """The digest in a hex string of exactly ``size`` bytes, else None."""
+    if isinstance(value, str) and len(value) == 2 * size and _HEX.fullmatch(value):
+        return bytes.fromhex(value)
+    return None
+
+
+def _pack_record(raw: bytes) -> Any:
+    """Upstream JSON record -> the value stored in the shard.
+
+    Every key other than the digests is kept exactly as upstream sent it,
+    unknown keys included (CEP-16: "Implementers SHOULD ignore unknown keys").
+    """
+    record = orjson.loads(raw)
+    if not isinstance(record, dict):
+        return record  # not a record at all; mirror it as upstream served it
+    for field, size in (*BINARY_DIGEST_FIELDS.items(), *TEXT_DIGEST_FIELDS.items()):
+        value = record.get(field)
+        if value is None:
+            continue  # absent or null: both readers accept nil
+        digest = _digest(value, size)
+        if digest is None:
+            # Malformed digest (not hex, wrong length, not a str): DROP the
+            # key. Left as-is, rattler fails to parse the shard and with it
+            # the whole solve (GatewayError "failed to parse digest"); without
+            # it only this record loses one checksum.
+            del record[field]
+        elif field in BINARY_DIGEST_FIELDS:
+            record[field] = digest
+    return record
+
+
+def _records(records: Mapping[str, bytes]) -> dict[str, Any]:
+    return {fn: _pack_record(records[fn]) for fn in sorted(records) if _is_archive_filename(fn)}
+
+
+def encode_shard(
+    packages: Mapping[str, bytes],
+    packages_conda: Mapping[str, bytes],
+    removed: Sequence[str] = (),
+) -> bytes:
+    """One package name's records -> zstd-compressed msgpack shard (the file content).
+
+    ``packages`` / ``packages_conda`` map filename -> the record's raw JSON
+    bytes as upstream served them. The output is deterministic (filenames and
+    ``removed`` sorted) so an unchanged package keeps its shard name.
+    """
+    # A filename rattler cannot parse, as a key or in "removed", makes it
+    # reject the shard and so fail the whole solve: such entries are dropped.
+    # CEP-16 shard keys; all three are always written: rattler requires
+    # "packages" (no serde default), conda indexes "packages" and
+    # "packages.conda" directly. rattler hides records listed in "removed".
+    shard = {
+        "packages": _records(packages),
+        "packages.conda": _records(packages_conda),
+        # CEP-16: "list of strings of keys (filenames) that were removed".
+        "removed": sorted({fn for fn in removed if _is_archive_filename(fn)}),
+    }
+    return _compress(_pack(shard))
+
+
+def shard_digest(shard: bytes) -> bytes:
+    """CEP-16: the shard's name is the sha256 of the compressed shard (32 raw bytes).
+
+    This is what rattler_index hashes (the zstd output), so the name is also
+    the checksum of exactly the bytes a client downloads.
+    """
+    return hashlib.sha256(shard).digest()
+
+
+def shard_relpath(digest: bytes) -> str:
+    """``shards/<hex>.msgpack.zst``, relative to the subdir directory.
+
+    CEP-16: "<sha256> is the lower-case hex representation of the bytes from
+    the index".
+    """
+    if len(digest) != _SHA256_SIZE:
+        raise ValueError(f"shard digest must be {_SHA256_SIZE} bytes, got {len(digest)}")
+    return f"{SHARDS_DIR}/{digest.hex()}{SHARD_SUFFIX}"
+
+
+def encode_shard_index(
+    subdir: str,
+    shards: Mapping[str, bytes],
+    *,
+    base_url: str = "./",
+    shards_base_url: str = "./shards/",
+) -> bytes:
+    """package name -> digest, -> zstd-compressed msgpack content of repodata_shards.msgpack.zst.
+
+    CEP-16: "Both the base_url and the shards_base_url can be absolute or a
+    relative url. The urls are relative to the shard index." rattler joins
+    them onto ``<channel>/<subdir>/`` and conda onto the index URL, which is
+    the same directory, so the defaults put packages next to repodata.json
+    and shards in ``<subdir>/shards/``.
+    """
+    for name, digest in shards.items():
+        if len(digest) != _SHA256_SIZE:
+            raise ValueError(f"digest for {name!r} must be {_SHA256_SIZE} bytes")
+    index = {
+        "version": SHARD_INDEX_VERSION,
+        # rattler's ShardedSubdirInfo requires subdir, base_url and
+        # shards_base_url; created_at is optional there and parsed as an
+        # RFC 3339 timestamp string (jiff::Timestamp).
+        "info": {
+            "subdir": subdir,
+            "base_url": base_url,
+            "shards_base_url": shards_base_url,
+            "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+        # CEP-16: "the hashes are stored as binary data" -> msgpack bin.
+        "shards": {name: bytes(shards[name]) for name in sorted(shards)},
+    }
+    return _compress(_pack(index))
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    value = msgpack.unpackb(_decompress(data), raw=False)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a msgpack map, got {type(value).__name__}")
+    return value
+
+
+def decode_shard_index(data: bytes) -> dict[str, Any]:
+    """repodata_shards.msgpack.zst content -> dict; digests stay raw bytes."""
+    return _decode(data)
+
+
+def decode_shard(data: bytes) -> dict[str, Any]:
+    """Shard file content -> dict; sha256/md5 stay raw bytes (CEP-16 encoding)."""
+    return _decode(data)

@@ -1,0 +1,467 @@
+"""The configuration file (SPEC §3): YAML in, typed and frozen objects out.
+
+Every problem is reported as a one-line :class:`~mirrorgen.errors.ConfigError` naming the file, the
+line and the key. The source documents' keys (cas-sync's ``channels``, ``platforms``, ``pkg_list``,
+``blacklist``, ...) are accepted so that an existing file migrates by adding ``type`` and ``root``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from .errors import ConfigError
+from .yamlnodes import LocatedDict, LocatedList, load_yaml
+
+__all__ = ["Config", "MirrorConfig", "Filters", "load_config", "parse_config", "MIRROR_TYPES"]
+
+MIRROR_TYPES: Final = ("conda", "pypi", "cran")
+MODES: Final = ("active", "passive")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Keys a mirror entry accepts. The compatibility keys map onto these (see _COMPAT_*).
+_MIRROR_KEYS: Final = frozenset({
+    "name", "type", "mode", "source", "sources", "subdirs", "filters", "schedule", "concurrency",
+    "verify_checksums", "retries", "timeout",
+    # pypi
+    "package_types", "prereleases", "max_file_size", "projects",
+    # cran
+    "r_versions", "archive", "dependency_fields",
+})
+_FILTER_KEYS: Final = frozenset({
+    "only", "exclude", "include", "licenses", "python_versions", "latest", "date_from", "date_to",
+    "include_dependencies",
+})
+# cas-sync / anaconda-mirror keys (the source documents) -> what they mean here.
+_COMPAT_MIRROR_KEYS: Final = frozenset({
+    "channels", "dest_channel", "platforms", "pkg_list", "blacklist", "blocklist", "whitelist",
+    "allowlist", "license_blacklist", "license_blocklist", "latest_only", "python_versions",
+    "remote_url", "mirror_dir", "verify_checksum",
+})
+_TOP_KEYS: Final = frozenset({"root", "mirrors"})
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    only: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    licenses: tuple[str, ...] = ()
+    python_versions: tuple[str, ...] = ()
+    latest: int | None = None
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    include_dependencies: bool = False
+    # Where each filter key was written, for errors found later (e.g. "matched nothing").
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    name: str
+    type: Literal["conda", "pypi", "cran"]
+    mode: Literal["active", "passive"]
+    sources: tuple[str, ...]
+    subdirs: tuple[str, ...] | None  # None: every subdir upstream has
+    filters: Filters
+    schedule: str | None = None
+    concurrency: int = 8
+    verify_checksums: bool = True
+    retries: int = 4
+    timeout: float = 300.0
+    extra: dict[str, Any] = field(default_factory=dict)  # type-specific keys (pypi, cran)
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    root: Path
+    mirrors: tuple[MirrorConfig, ...]
+
+    def select(self, names: list[str] | None) -> tuple[MirrorConfig, ...]:
+        if not names:
+            return self.mirrors
+        known = {m.name: m for m in self.mirrors}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ConfigError(f"no mirror named {missing[0]!r} (have: {', '.join(known) or 'none'})",
+                              file=str(self.path), key="--mirror")
+        return tuple(known[n] for n in names)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("configuration file not found (use -c FILE)", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration: {exc}", file=str(path)) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    file = str(path)
+    data = load_yaml(text, file)
+    if not isinstance(data, LocatedDict):
+        raise ConfigError("the configuration must be a mapping with 'root' and 'mirrors'", file=file,
+                          line=1)
+    root_value = data.get("root", data.get("mirror_dir"))
+    root_key = "root" if "root" in data else "mirror_dir"
+    if root_value is None:
+        raise ConfigError("missing (the directory the mirror tree is written to)", file=file,
+                          line=data.line, key="root")
+    if not isinstance(root_value, str) or not root_value.strip():
+        raise ConfigError("expected a directory path", file=file, line=data.line_of(root_key),
+                          key=root_key)
+    root = _resolve_path(root_value, path)
+
+    if "mirrors" in data:
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise ConfigError(f"unknown key (top level accepts {', '.join(sorted(_TOP_KEYS))})",
+                                  file=file, line=data.line_of(key), key=key)
+        entries = data["mirrors"]
+        if entries is None:
+            entries = LocatedList()
+            entries.line, entries.item_lines = data.line_of("mirrors"), []
+        if not isinstance(entries, LocatedList):
+            raise ConfigError("expected a list of mirrors", file=file, line=data.line_of("mirrors"),
+                              key="mirrors")
+        items = [(f"mirrors[{i}]", e, entries.line_of(i)) for i, e in enumerate(entries)]
+    else:
+        # A source-documents style file: one mirror, written at the top level.
+        flat = LocatedDict({k: v for k, v in data.items() if k not in ("root", "mirror_dir")})
+        flat.line, flat.key_lines = data.line, data.key_lines
+        if "name" not in flat and "dest_channel" not in flat:
+            flat["name"] = path.stem
+        items = [("", flat, data.line)]
+
+    mirrors = []
+    seen: dict[str, str] = {}
+    for prefix, entry, line in items:
+        mirror = _parse_mirror(entry, prefix, file, line, path)
+        if mirror.name in seen:
+            raise ConfigError(f"duplicate mirror name {mirror.name!r}", file=file, line=line,
+                              key=_join(prefix, "name"))
+        seen[mirror.name] = prefix
+        mirrors.append(mirror)
+    return Config(path=path, root=root, mirrors=tuple(mirrors))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _resolve_path(value: str, config_path: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (config_path.parent / p).resolve()
+
+
+class _Entry:
+    """Reads one mirror mapping, remembering which keys were consumed and where they were."""
+
+    def __init__(self, data: LocatedDict, prefix: str, file: str) -> None:
+        self.data, self.prefix, self.file = data, prefix, file
+
+    def err(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.file, line=self.data.line_of(key),
+                           key=_join(self.prefix, key))
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self.data.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.err(key, f"expected a string, got {type(value).__name__}")
+        return value
+
+    def strings(self, key: str, *, data: LocatedDict | None = None, prefix: str | None = None
+                ) -> tuple[str, ...] | None:
+        data = self.data if data is None else data
+        if key not in data or data[key] is None:
+            return None
+        value = data[key]
+        where = _join(self.prefix if prefix is None else prefix, key)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list of strings, got {type(value).__name__}",
+                              file=self.file, line=data.line_of(key), key=where)
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                line = value.line_of(i) if isinstance(value, LocatedList) else data.line_of(key)
+                raise ConfigError(f"item {i}: expected a string, got {type(item).__name__}",
+                                  file=self.file, line=line, key=where)
+            out.append(str(item).strip())
+        return tuple(out)
+
+    def integer(self, key: str, default: int | None, *, minimum: int = 1) -> int | None:
+        value = self.data.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.err(key, f"expected a whole number >= {minimum}, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.err(key, f"expected true or false, got {value!r}")
+        return value
+
+
+def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Path) -> MirrorConfig:
+    if not isinstance(data, LocatedDict):
+        raise ConfigError("expected a mapping describing one mirror", file=file, line=line,
+                          key=prefix or None)
+    e = _Entry(data, prefix, file)
+    for key in data:
+        if key not in _MIRROR_KEYS and key not in _COMPAT_MIRROR_KEYS:
+            raise e.err(key, "unknown key")
+
+    mtype = e.string("type")
+    if mtype is None:
+        raise ConfigError("missing (one of conda, pypi, cran)", file=file, line=data.line,
+                          key=_join(prefix, "type"))
+    if mtype not in MIRROR_TYPES:
+        raise e.err("type", f"unknown mirror type {mtype!r} (one of {', '.join(MIRROR_TYPES)})")
+    mode = e.string("mode", "active")
+    if mode not in MODES:
+        raise e.err("mode", f"unknown mode {mode!r} (active or passive)")
+
+    name = e.string("name") or e.string("dest_channel")
+    if name is None:
+        raise ConfigError("missing (the mirror's URL path under root)", file=file, line=data.line,
+                          key=_join(prefix, "name"))
+    if not _NAME_RE.match(name) or name in (".mirrorgen",):
+        raise e.err("name" if "name" in data else "dest_channel",
+                    f"{name!r} is not a valid mirror name (letters, digits, '.', '_', '-')")
+
+    sources = _sources(e, config_path)
+    subdirs = _subdirs(e, mtype)
+    filters = _filters(e, mtype)
+
+    extra: dict[str, Any] = {}
+    for key in ("package_types", "r_versions", "dependency_fields"):
+        value = e.strings(key)
+        if value is not None:
+            extra[key] = value
+    for key in ("prereleases",):
+        if key in data:
+            extra[key] = e.boolean(key, False)
+    for key in ("max_file_size", "archive"):
+        if key in data:
+            extra[key] = e.integer(key, None, minimum=0)
+    if mtype != "pypi":
+        for key in ("package_types", "prereleases", "max_file_size", "projects"):
+            if key in data:
+                raise e.err(key, f"only pypi mirrors take this key (this one is {mtype})")
+    if mtype != "cran":
+        for key in ("r_versions", "archive", "dependency_fields"):
+            if key in data:
+                raise e.err(key, f"only cran mirrors take this key (this one is {mtype})")
+
+    schedule = e.string("schedule")
+    if schedule is not None:
+        from croniter import croniter  # chosen library for cron syntax
+
+        if not croniter.is_valid(schedule):
+            raise e.err("schedule", f"{schedule!r} is not a valid cron expression")
+
+    verify = e.boolean("verify_checksums", e.boolean("verify_checksum", True))
+    timeout = data.get("timeout", 300.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise e.err("timeout", f"expected a positive number of seconds, got {timeout!r}")
+    return MirrorConfig(
+        name=name, type=mtype, mode=mode, sources=sources, subdirs=subdirs, filters=filters,
+        schedule=schedule, concurrency=e.integer("concurrency", 8) or 8,
+        verify_checksums=verify, retries=e.integer("retries", 4, minimum=0) or 0,
+        timeout=float(timeout), extra=extra, file=file, line=data.line,
+    )
+
+
+def _sources(e: _Entry, config_path: Path) -> tuple[str, ...]:
+    given = [k for k in ("source", "sources", "channels", "remote_url") if k in e.data]
+    if not given:
+        raise ConfigError("missing (the upstream URL or directory to mirror)", file=e.file,
+                          line=e.data.line, key=_join(e.prefix, "source"))
+    key = given[0]
+    values = e.strings(key) or ()
+    if not values:
+        raise e.err(key, "expected at least one upstream URL or directory")
+    out = []
+    for value in values:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            scheme = value.split("://", 1)[0].lower()
+            if scheme not in ("http", "https", "file"):
+                raise e.err(key, f"unsupported URL scheme {scheme!r} in {_redact(value)}")
+            out.append(value)
+        else:
+            out.append(str(_resolve_path(value, config_path)))
+    return tuple(out)
+
+
+def _redact(url: str) -> str:
+    from .urls import redact
+
+    return redact(url)
+
+
+def _subdirs(e: _Entry, mtype: str) -> tuple[str, ...] | None:
+    key = "subdirs" if "subdirs" in e.data else "platforms"
+    values = e.strings(key)
+    if values is None:
+        return None
+    from .platforms import KNOWN_SUBDIRS
+
+    for value in values:
+        if value not in KNOWN_SUBDIRS:
+            raise e.err(key, f"unknown subdir {value!r} (e.g. linux-64, osx-arm64, win-64, noarch)")
+    if not values:
+        raise e.err(key, "expected at least one subdir")
+    # Seed 003: always include noarch — most platform packages need a noarch dependency, and conda
+    # clients refuse a channel without noarch/repodata.json.
+    ordered = dict.fromkeys(values)
+    ordered.setdefault("noarch")
+    return tuple(ordered)
+
+
+def _filters(e: _Entry, mtype: str) -> Filters:
+    data = e.data.get("filters")
+    if data is None:
+        data = LocatedDict()
+        data.line, data.key_lines = e.data.line, {}
+    if not isinstance(data, LocatedDict):
+        raise e.err("filters", "expected a mapping of filters")
+    fprefix = _join(e.prefix, "filters")
+    for key in data:
+        if key not in _FILTER_KEYS:
+            raise ConfigError("unknown filter", file=e.file, line=data.line_of(key),
+                              key=_join(fprefix, key))
+
+    def fstrings(key: str) -> tuple[str, ...]:
+        return e.strings(key, data=data, prefix=fprefix) or ()
+
+    lines = {k: data.line_of(k) for k in data}
+    only, exclude, include = fstrings("only"), fstrings("exclude"), fstrings("include")
+    licenses = fstrings("licenses")
+    python_versions = fstrings("python_versions")
+
+    # Compatibility keys, written directly in the mirror entry.
+    top = e.data
+    pkg_list = e.strings("pkg_list") or e.strings("projects")
+    blocklist = _first(e, ("blacklist", "blocklist"))
+    allowlist = _first(e, ("whitelist", "allowlist"))
+    license_block = _first(e, ("license_blacklist", "license_blocklist"))
+    if pkg_list:
+        # Seed 000: pkg_list "cannot be used with the blocklist, allowlist or license_blocklist
+        # arguments — it can only be combined with platform-specific and version-specific mirroring".
+        for keys, value in ((("blacklist", "blocklist"), blocklist), (("whitelist", "allowlist"), allowlist),
+                            (("license_blacklist", "license_blocklist"), license_block),
+                            (("exclude",), exclude), (("include",), include), (("licenses",), licenses)):
+            if value:
+                k = next(k for k in keys if k in top or k in data)
+                src = top if k in top else data
+                raise ConfigError(f"cannot be combined with {'pkg_list' if 'pkg_list' in top else 'projects'} "
+                                  "(a package list may only be combined with platforms and python_versions)",
+                                  file=e.file, line=src.line_of(k), key=_join(e.prefix if src is top else fprefix, k))
+        only = only + pkg_list
+        lines.setdefault("only", top.line_of("pkg_list" if "pkg_list" in top else "projects"))
+    if blocklist:
+        exclude = exclude + blocklist
+        lines.setdefault("exclude", top.line_of(next(k for k in ("blacklist", "blocklist") if k in top)))
+    if allowlist:
+        include = include + allowlist
+        lines.setdefault("include", top.line_of(next(k for k in ("whitelist", "allowlist") if k in top)))
+    if license_block:
+        licenses = licenses + tuple(f"-{x.lstrip('-')}" for x in license_block)
+        lines.setdefault("licenses", top.line_of(next(k for k in ("license_blacklist", "license_blocklist") if k in top)))
+    if "python_versions" in top:
+        python_versions = python_versions + (e.strings("python_versions") or ())
+        lines.setdefault("python_versions", top.line_of("python_versions"))
+
+    from .licenses import LICENSE_FAMILIES
+
+    for item in licenses:
+        family = item[1:] if item.startswith("-") else item
+        if family.lower().replace("-", "_") not in LICENSE_FAMILIES:
+            k = "licenses" if "licenses" in data else next(
+                (k for k in ("license_blacklist", "license_blocklist") if k in top), "licenses")
+            src = data if k == "licenses" else top
+            raise ConfigError(f"unknown license family {family!r} (one of {', '.join(LICENSE_FAMILIES)})",
+                              file=e.file, line=src.line_of(k), key=_join(fprefix if src is data else e.prefix, k))
+    for value in python_versions:
+        if not re.match(r"^\d+(\.\d+){0,2}$", value):
+            k = "python_versions"
+            src = data if k in data else top
+            raise ConfigError(f"{value!r} is not a python version like 3.11", file=e.file,
+                              line=src.line_of(k), key=_join(fprefix if src is data else e.prefix, k))
+
+    latest = _latest(e, data, fprefix)
+    date_from = _date(e, data, fprefix, "date_from")
+    date_to = _date(e, data, fprefix, "date_to")
+    if date_from and date_to and date_from > date_to:
+        raise ConfigError(f"date_from {date_from} is after date_to {date_to}", file=e.file,
+                          line=data.line_of("date_from"), key=_join(fprefix, "date_from"))
+    include_deps = data.get("include_dependencies", False)
+    if not isinstance(include_deps, bool):
+        raise ConfigError(f"expected true or false, got {include_deps!r}", file=e.file,
+                          line=data.line_of("include_dependencies"),
+                          key=_join(fprefix, "include_dependencies"))
+
+    if mtype == "conda":
+        from .conda.matchspec import parse_matchspec
+
+        for key, specs in (("only", only), ("exclude", exclude), ("include", include)):
+            for spec in specs:
+                try:
+                    parse_matchspec(spec)
+                except ValueError as exc:
+                    raise ConfigError(f"invalid MatchSpec {spec!r}: {exc}", file=e.file,
+                                      line=lines.get(key, data.line), key=_join(fprefix, key)) from None
+    return Filters(only=only, exclude=exclude, include=include, licenses=licenses,
+                   python_versions=python_versions, latest=latest, date_from=date_from,
+                   date_to=date_to, include_dependencies=include_deps, lines=lines)
+
+
+def _first(e: _Entry, keys: tuple[str, ...]) -> tuple[str, ...]:
+    present = [k for k in keys if k in e.data]
+    if len(present) > 1:
+        raise e.err(present[1], f"give only one of {' / '.join(keys)}")
+    return (e.strings(present[0]) or ()) if present else ()
+
+
+def _latest(e: _Entry, data: LocatedDict, fprefix: str) -> int | None:
+    value = data.get("latest")
+    if "latest_only" in e.data:
+        only = e.boolean("latest_only", False)
+        if only and value is None:
+            value = 1
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"expected a whole number >= 1, got {value!r}", file=e.file,
+                          line=data.line_of("latest"), key=_join(fprefix, "latest"))
+    return value
+
+
+def _date(e: _Entry, data: LocatedDict, fprefix: str, key: str) -> dt.date | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"expected a date YYYY-MM-DD, got {value!r}", file=e.file,
+                      line=data.line_of(key), key=_join(fprefix, key))

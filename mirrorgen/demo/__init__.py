@@ -1,0 +1,1 @@
+"""Demo conda channel: real, installable packages built with the standard library."""

@@ -1,0 +1,95 @@
+"""The project's exceptions.
+
+Every error a user can cause or meet derives from :class:`MirrorError` *and* from the builtin it
+resembles, carries its facts as attributes, and renders a one-line message a user can act on.
+The CLI maps them to exit codes (2 for usage and configuration, 1 for a run with failures); none of
+them is ever shown as a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MirrorError",
+    "ConfigError",
+    "UsageError",
+    "UpstreamError",
+    "RepodataError",
+    "ChecksumMismatch",
+    "SizeMismatch",
+    "UnsafePath",
+    "LockedError",
+]
+
+
+class MirrorError(Exception):
+    """Base class of every error mirrorgen reports to a user."""
+
+    exit_code: int = 1
+
+
+class ConfigError(MirrorError, ValueError):
+    """The configuration file is unreadable or invalid: names the file, the line and the key."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.file, self.line, self.key, self.detail = file, line, key, message
+        where = file or "<config>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class UsageError(MirrorError, ValueError):
+    """The command line asks for something that cannot be done."""
+
+    exit_code = 2
+
+
+class UpstreamError(MirrorError, ConnectionError):
+    """Upstream could not be reached, or answered with an error, after all retries."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(f"{url}: {reason}")
+
+
+class RepodataError(MirrorError, ValueError):
+    """An upstream index could be fetched but is not a valid index."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(f"{url}: malformed index: {reason}")
+
+
+class ChecksumMismatch(MirrorError, ValueError):
+    """A downloaded file's hash differs from the one upstream's index published."""
+
+    def __init__(self, url: str, algorithm: str, expected: str, got: str) -> None:
+        self.url, self.algorithm, self.expected, self.got = url, algorithm, expected, got
+        super().__init__(f"{url}: {algorithm} mismatch: expected {expected}, got {got}")
+
+
+class SizeMismatch(MirrorError, ValueError):
+    """A downloaded file's size differs from the one upstream's index published."""
+
+    def __init__(self, url: str, expected: int, got: int) -> None:
+        self.url, self.expected, self.got = url, expected, got
+        super().__init__(f"{url}: size mismatch: expected {expected} bytes, got {got}")
+
+
+class UnsafePath(MirrorError, ValueError):
+    """A file name from upstream would land outside the mirror tree, or is not a plain name."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"refusing unsafe path {path!r}: {reason}")
+
+
+class LockedError(MirrorError, RuntimeError):
+    """Another run of the same mirror holds its lock."""
+
+    def __init__(self, mirror: str, holder: str) -> None:
+        self.mirror, self.holder = mirror, holder
+        super().__init__(f"mirror {mirror!r} is already being synced ({holder})")

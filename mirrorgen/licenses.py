@@ -1,0 +1,60 @@
+"""License families: what ``licenses: ["-gpl3", "mit"]`` filters on.
+
+The family names are seed 004's list plus the families conda-build writes into ``license_family``
+(GPL, CC, MOZILLA). A record's family comes from its ``license_family`` field; when that is missing
+it is derived from the SPDX ``license`` expression. No maintained library maps SPDX identifiers to
+these coarse families, so the table below is ours; the SPDX expression is only split on its
+operators, never otherwise interpreted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = ["LICENSE_FAMILIES", "normalize_family", "families_of"]
+
+LICENSE_FAMILIES: Final[tuple[str, ...]] = (
+    "agpl", "gpl2", "gpl3", "gpl", "lgpl", "bsd", "mit", "apache", "psf", "cc", "mozilla",
+    "public_domain", "proprietary", "other", "none",
+)
+
+_SPLIT_RE: Final = re.compile(r"\s+(?:AND|OR|WITH|and|or|with)\s+|[()/,;|]|\s+\+\s+")
+
+# Ordered: the first matching prefix wins (LGPL before GPL, AGPL before GPL).
+_SPDX_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
+    ("agpl", "agpl"), ("lgpl", "lgpl"), ("gpl-3", "gpl3"), ("gplv3", "gpl3"), ("gpl3", "gpl3"),
+    ("gpl-2", "gpl2"), ("gplv2", "gpl2"), ("gpl2", "gpl2"), ("gpl", "gpl"),
+    ("bsd", "bsd"), ("0bsd", "bsd"), ("mit", "mit"), ("x11", "mit"), ("isc", "mit"),
+    ("apache", "apache"), ("psf", "psf"), ("python-2", "psf"), ("python software", "psf"),
+    ("cc0", "public_domain"), ("unlicense", "public_domain"), ("public domain", "public_domain"),
+    ("public-domain", "public_domain"), ("cc-", "cc"), ("cc ", "cc"), ("mpl", "mozilla"),
+    ("mozilla", "mozilla"), ("proprietary", "proprietary"), ("licenseref-proprietary", "proprietary"),
+    ("commercial", "proprietary"),
+)
+
+
+def normalize_family(value: str) -> str:
+    """``'Public-Domain'`` -> ``'public_domain'``; ``'APACHE'`` -> ``'apache'``."""
+    return value.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _family_of_term(term: str) -> str:
+    t = term.strip().lower()
+    if not t:
+        return "none"
+    for prefix, family in _SPDX_PREFIXES:
+        if t.startswith(prefix):
+            return family
+    return "other"
+
+
+def families_of(license_family: str | None, license: str | None) -> frozenset[str]:
+    """The families a record belongs to: its license_family, else every family its SPDX names."""
+    if license_family and license_family.strip():
+        family = normalize_family(license_family)
+        return frozenset({family if family in LICENSE_FAMILIES else "other"})
+    if not license or not license.strip() or license.strip().lower() in ("none", "unknown"):
+        return frozenset({"none"})
+    terms = [t for t in _SPLIT_RE.split(license) if t and t.strip()]
+    return frozenset(_family_of_term(t) for t in terms) or frozenset({"none"})

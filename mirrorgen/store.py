@@ -1,0 +1,230 @@
+"""The tree on disk. Nothing else in mirrorgen writes under ``root``.
+
+- Every file is written under a temporary name in its final directory, fsynced, then renamed, so
+  a partly written file is never visible under its final name (SPEC §4).
+- Every path comes through :meth:`Store.resolve`, which refuses anything that would land outside
+  the mirror's directory (``..``, absolute paths, backslashes, NUL, hidden state names).
+- The :class:`Manifest` remembers each file that was verified against upstream's hash (size,
+  hash, mtime), so a re-run trusts an unchanged file without hashing it again. Entries are appended
+  to a journal as they are verified, so a run killed half-way loses none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
+
+import orjson
+
+from .errors import LockedError, UnsafePath
+
+__all__ = ["Store", "Manifest", "Entry", "STATE_DIR", "TEMP_PREFIX"]
+
+STATE_DIR: Final = ".mirrorgen"
+TEMP_PREFIX: Final = ".mirrorgen-tmp-"
+_MAX_PATH: Final = 1024
+_MAX_PART: Final = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    size: int
+    sha256: str | None
+    md5: str | None
+    mtime_ns: int
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def mirror_dir(self, mirror: str) -> Path:
+        return self.root / mirror
+
+    def state_dir(self, mirror: str | None = None) -> Path:
+        base = self.root / STATE_DIR
+        return base / mirror if mirror else base
+
+    def resolve(self, mirror: str, relpath: str) -> Path:
+        """The absolute path of ``relpath`` inside the mirror; UnsafePath for anything else."""
+        if not relpath or len(relpath) > _MAX_PATH:
+            raise UnsafePath(relpath[:80], "empty or too long")
+        if "\\" in relpath or "\x00" in relpath or relpath.startswith("/") or ":" in relpath.split("/", 1)[0]:
+            raise UnsafePath(relpath, "not a relative path")
+        parts = relpath.split("/")
+        for part in parts:
+            if part in ("", ".", "..") or len(part) > _MAX_PART:
+                raise UnsafePath(relpath, f"bad path component {part!r}")
+            if part.startswith(TEMP_PREFIX) or part == STATE_DIR:
+                raise UnsafePath(relpath, "reserved name")
+            if any(ord(c) < 32 for c in part):
+                raise UnsafePath(relpath, "control character")
+        return self.mirror_dir(mirror).joinpath(*parts)
+
+    # -- atomic writes ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def temp_file(self, final: Path) -> Iterator[tuple[Path, IO[bytes]]]:
+        """A temporary file next to ``final``; removed again unless :meth:`commit` renamed it."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
+        fh = open(tmp, "xb")
+        try:
+            yield tmp, fh
+        finally:
+            if not fh.closed:
+                fh.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    @staticmethod
+    def commit(tmp: Path, fh: IO[bytes], final: Path) -> None:
+        """fsync the temporary file, rename it over ``final``, fsync the directory."""
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    def write_atomic(self, final: Path, data: bytes | Iterable[bytes]) -> None:
+        with self.temp_file(final) as (tmp, fh):
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                fh.write(data)
+            else:
+                for chunk in data:
+                    fh.write(chunk)
+            self.commit(tmp, fh, final)
+
+    def write_state(self, mirror: str | None, name: str, document: Any) -> None:
+        path = self.state_dir(mirror) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.write_atomic(path, orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+
+    def read_state(self, mirror: str | None, name: str) -> Any:
+        path = self.state_dir(mirror) / name
+        try:
+            return orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except orjson.JSONDecodeError:
+            return None
+
+    def remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def stray_temp_files(self, mirror: str) -> Iterator[Path]:
+        base = self.mirror_dir(mirror)
+        if base.is_dir():
+            yield from base.rglob(f"{TEMP_PREFIX}*")
+
+    # -- locking ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, mirror: str) -> Iterator[None]:
+        """One run per mirror at a time, across processes (flock is released if we die)."""
+        path = self.state_dir(mirror) / "lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise LockedError(mirror, holder) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Manifest:
+    """What was verified, per mirror: relpath -> Entry. A base file plus an append-only journal."""
+
+    def __init__(self, store: Store, mirror: str) -> None:
+        self.store, self.mirror = store, mirror
+        self.dir = store.state_dir(mirror)
+        self.entries: dict[str, Entry] = {}
+        self._journal: IO[bytes] | None = None
+
+    def load(self) -> Manifest:
+        base = self.store.read_state(self.mirror, "manifest.json") or {}
+        for path, e in (base.get("files") or {}).items():
+            self.entries[path] = Entry(*e)
+        journal = self.dir / "manifest.journal"
+        if journal.exists():
+            for line in journal.read_bytes().splitlines():
+                try:
+                    op, path, *rest = orjson.loads(line)
+                except (orjson.JSONDecodeError, ValueError):
+                    continue  # a line cut short by a crash: that file is simply checked again
+                if op == "+":
+                    self.entries[path] = Entry(*rest)
+                else:
+                    self.entries.pop(path, None)
+        return self
+
+    def trusted(self, relpath: str, path: Path, size: int | None, sha256: str | None, md5: str | None) -> bool:
+        """True if the file on disk is the one we verified, and matches what the index says now."""
+        entry = self.entries.get(relpath)
+        if entry is None:
+            return False
+        if sha256 and entry.sha256 and sha256.lower() != entry.sha256:
+            return False
+        if not sha256 and md5 and entry.md5 and md5.lower() != entry.md5:
+            return False
+        if size is not None and size != entry.size:
+            return False
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
+
+    def add(self, relpath: str, entry: Entry) -> None:
+        self.entries[relpath] = entry
+        self._append(["+", relpath, entry.size, entry.sha256, entry.md5, entry.mtime_ns])
+
+    def discard(self, relpath: str) -> None:
+        if self.entries.pop(relpath, None) is not None:
+            self._append(["-", relpath])
+
+    def _append(self, item: list[Any]) -> None:
+        if self._journal is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._journal = open(self.dir / "manifest.journal", "ab")
+        # Flushed per line: a killed process keeps what the OS already has.
+        self._journal.write(orjson.dumps(item) + b"\n")
+        self._journal.flush()
+
+    def save(self) -> None:
+        """Fold the journal into manifest.json (atomically), then empty the journal."""
+        files = {p: [e.size, e.sha256, e.md5, e.mtime_ns] for p, e in sorted(self.entries.items())}
+        self.store.write_state(self.mirror, "manifest.json", {"version": 1, "files": files})
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "manifest.journal").unlink()
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None

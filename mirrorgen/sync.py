@@ -1,0 +1,257 @@
+"""One run of one mirror: read upstream, filter, fetch and verify (active), publish, record.
+
+Publication order is what keeps the tree consistent under any failure: package files first (each
+verified before its rename), then the index files, the one clients read first last. A file that
+could not be fetched or verified is left out of the published index; the run then exits 1 and
+names it. Nothing is deleted except by ``--clean``, after the new index is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, MirrorConfig
+from .errors import ConfigError, MirrorError, UnsafePath, UsageError
+from .filters import FilterOutcome, apply_filters
+from .progress import Progress
+from .report import build_report
+from .store import Entry, Manifest, Store
+from .transport import Transport
+from .urls import redact
+
+__all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
+
+
+@dataclass
+class RunResult:
+    mirror: str
+    state: str = "completed"
+    dry_run: bool = False
+    upstream: int = 0
+    kept: int = 0
+    downloaded: int = 0
+    bytes_downloaded: int = 0
+    reused: int = 0
+    rehashed: int = 0
+    index_files: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    would_download: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def channel_for(mirror: MirrorConfig) -> Any:
+    if mirror.type == "conda":
+        from .conda.channel import CondaChannel
+
+        return CondaChannel(mirror)
+    raise UsageError(f"mirror {mirror.name!r}: {mirror.type} mirrors: not implemented yet")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry_run: bool = False,
+                      clean: bool = False, progress: bool = True) -> RunResult:
+    channel = channel_for(mirror)
+    with store.lock(mirror.name):
+        started = _now()
+        status = store.read_state(mirror.name, "status.json") or {}
+        if not dry_run:
+            store.write_state(mirror.name, "status.json", {**status, "state": "running",
+                                                           "last_start": started, "pid": os.getpid()})
+        result = RunResult(mirror.name, dry_run=dry_run)
+        try:
+            await _run(mirror, store, channel, result, dry_run=dry_run, clean=clean,
+                       progress=Progress(mirror.name, enabled=progress), started=started)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            if not dry_run:
+                _status(store, mirror, "stopped", started, result, "interrupted")
+            raise
+        except MirrorError as exc:
+            result.state, result.error = "failed", str(exc)
+            if not dry_run:
+                _status(store, mirror, "failed", started, result, str(exc))
+            raise
+        if not dry_run:
+            result.state = "failed" if result.failed else "completed"
+            _status(store, mirror, result.state, started, result, None)
+        return result
+
+
+def _status(store: Store, mirror: MirrorConfig, state: str, started: str, result: RunResult,
+            error: str | None) -> None:
+    store.write_state(mirror.name, "status.json", {
+        "state": state, "last_start": started, "last_end": _now(), "error": error,
+        "counts": {"upstream": result.upstream, "kept": result.kept, "downloaded": result.downloaded,
+                   "failed": len(result.failed), "removed": len(result.removed)},
+    })
+
+
+async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResult, *,
+               dry_run: bool, clean: bool, progress: Progress, started: str) -> None:
+    async with Transport(retries=mirror.retries, timeout=mirror.timeout,
+                         concurrency=mirror.concurrency) as transport:
+        records = await channel.read(transport)
+        outcome = await asyncio.to_thread(apply_filters, records, mirror.filters, channel.ecosystem)
+        result.upstream, result.kept = len(records), len(outcome.kept)
+        if not outcome.kept:
+            raise _empty_result(mirror, outcome)
+
+        manifest = Manifest(store, mirror.name).load()
+        todo: list[tuple[Any, str, Path]] = []
+        for record in outcome.kept:
+            relpath = channel.relpath(record)
+            try:
+                path = store.resolve(mirror.name, relpath)
+            except UnsafePath as exc:
+                result.failed[relpath] = str(exc)
+                continue
+            size, sha256, md5 = channel.expected(record)
+            if manifest.trusted(relpath, path, size, sha256, md5):
+                result.reused += 1
+            elif mirror.mode == "active":
+                todo.append((record, relpath, path))
+
+        if dry_run:
+            result.would_download = [relpath for _, relpath, _ in todo]
+            if clean:
+                keep = {channel.relpath(r) for r in outcome.kept}
+                result.removed = [p for p in stray_files(store, mirror, channel, keep)]
+            progress.log(f"{mirror.name}: dry run: {len(todo)} files to fetch, "
+                         f"{len(result.removed)} to remove, {len(outcome.kept)} records to publish")
+            return
+
+        if todo:
+            await _fetch_all(mirror, store, channel, transport, manifest, todo, result, progress)
+
+        publish = [r for r in outcome.kept if channel.relpath(r) not in result.failed]
+        for index_file in channel.render(publish):
+            path = store.resolve(mirror.name, index_file.relpath)
+            if index_file.immutable and path.exists():
+                continue
+            await asyncio.to_thread(store.write_atomic, path, index_file.data)
+            result.index_files += 1
+
+        if clean:
+            keep = {channel.relpath(r) for r in publish}
+            for relpath in stray_files(store, mirror, channel, keep):
+                store.remove(store.mirror_dir(mirror.name) / relpath)
+                manifest.discard(relpath)
+                result.removed.append(relpath)
+        manifest.save()
+        report = build_report(mirror, outcome, result, channel, started=started, finished=_now())
+        store.write_state(mirror.name, "report.json", report)
+        if outcome.dependencies is not None:
+            store.write_state(mirror.name, "dependencies.json", report["dependencies"])
+
+
+def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
+    counts = outcome.counts()
+    culprit = max(counts, key=counts.__getitem__) if counts else None
+    lines = mirror.filters.lines
+    key = {"only": "only", "exclude": "exclude", "licenses": "licenses", "latest": "latest",
+           "dates": "date_from", "python_versions": "python_versions"}.get(culprit or "", None)
+    prefix = f"{mirror.name}.filters"
+    why = f" ('{culprit}' removed {counts[culprit]} of {outcome.total})" if culprit else ""
+    return ConfigError(f"the filters leave nothing to mirror{why}", file=mirror.file,
+                       line=lines.get(key or "", mirror.line), key=f"{prefix}.{key}" if key else mirror.name)
+
+
+async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport: Transport,
+                     manifest: Manifest, todo: list[tuple[Any, str, Path]], result: RunResult,
+                     progress: Progress) -> None:
+    queue: asyncio.Queue[tuple[Any, str, Path]] = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
+    progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
+
+    async def worker() -> None:
+        while True:
+            try:
+                record, relpath, path = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            size, sha256, md5 = channel.expected(record)
+            if mirror.verify_checksums and not sha256 and not md5:
+                result.failed[relpath] = "upstream publishes no sha256 or md5 for this file"
+                progress.advance(0)
+                continue
+            try:
+                if path.exists():
+                    # On disk but not in the manifest (a run killed before it recorded the file):
+                    # hash it instead of fetching it again.
+                    entry = await asyncio.to_thread(_hash_existing, path, size, sha256, md5)
+                    if entry is not None:
+                        manifest.add(relpath, entry)
+                        result.rehashed += 1
+                        progress.advance(entry.size)
+                        continue
+                verified = await transport.download(
+                    channel.file_url(record), path, store, size=size, sha256=sha256, md5=md5,
+                    verify=mirror.verify_checksums)
+            except MirrorError as exc:
+                result.failed[relpath] = str(exc)
+                progress.log(f"{mirror.name}: failed: {relpath}: {exc}")
+                progress.advance(0)
+                continue
+            manifest.add(relpath, verified.entry)
+            result.downloaded += 1
+            result.bytes_downloaded += verified.bytes_downloaded
+            progress.advance(verified.bytes_downloaded)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(mirror.concurrency, len(todo)))))
+    finally:
+        progress.close()
+
+
+def _hash_existing(path: Path, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
+    st = path.stat()
+    if size is not None and st.st_size != size:
+        return None
+    h_sha, h_md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h_sha.update(chunk)
+            h_md5.update(chunk)
+    if sha256 and h_sha.hexdigest() != sha256.lower():
+        return None
+    if not sha256 and md5 and h_md5.hexdigest() != md5.lower():
+        return None
+    return Entry(st.st_size, h_sha.hexdigest(), md5.lower() if md5 else h_md5.hexdigest(), st.st_mtime_ns)
+
+
+def stray_files(store: Store, mirror: MirrorConfig, channel: Any, keep: set[str]) -> list[str]:
+    """Files in the mirror's tree that the index no longer lists: package files, unreferenced
+    shards, and temporary files left by a killed run."""
+    base = store.mirror_dir(mirror.name)
+    if not base.is_dir():
+        return []
+    index_files = channel.published_index_files(base)
+    out = []
+    for path in sorted(base.rglob("*")):
+        if not path.is_file():
+            continue
+        relpath = path.relative_to(base).as_posix()
+        if path.name.startswith(".mirrorgen-tmp-"):
+            out.append(relpath)
+        elif channel.is_package_path(relpath) and relpath not in keep:
+            out.append(relpath)
+        elif "/shards/" in relpath and relpath not in index_files:
+            out.append(relpath)
+    return out
+
+
+def redacted_sources(mirror: MirrorConfig) -> list[str]:
+    return [redact(s) for s in mirror.sources]
