@@ -37,7 +37,7 @@ server {{
     location ~ /\\.mirrorgen-tmp- {{ return 404; }}
 
     # CEP-16 shards are named by their sha256: immutable.
-    location ~ /shards/[0-9a-f]{{64}}\\.msgpack\\.zst$ {{
+    location ~ "/shards/[0-9a-f]{{64}}\\.msgpack\\.zst$" {{
         types {{ }} default_type application/octet-stream;
         add_header Cache-Control "{_IMMUTABLE}";
         try_files $uri =404;
