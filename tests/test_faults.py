@@ -1,0 +1,241 @@
+"""Failures upstream and on our side: nothing corrupt is published, nothing good is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from mirrorgen.errors import RepodataError, UpstreamError
+from mirrorgen.store import Store, TEMP_PREFIX
+from mirrorgen.sync import sync_mirror
+from mirrorgen.verify import verify_mirror
+
+
+def listed(root: Path, subdir: str) -> set[str]:
+    doc = orjson.loads((root / "conda-demo" / subdir / "repodata.json").read_bytes())
+    return set(doc["packages"]) | set(doc["packages.conda"])
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """Run the real command line in a subprocess while this loop keeps serving the upstream."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrorgen.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_upstream_500_is_retried_until_it_succeeds(upstream, write_config) -> None:
+    package = upstream.files("linux-64")[0]
+    upstream.control.fail_first = {f"demo/linux-64/{package}": 2, "demo/noarch/repodata.json.zst": 1}
+    config = write_config(upstream.channel_url)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {}
+    assert upstream.control.count(f"demo/linux-64/{package}") == 3
+    assert upstream.control.count("demo/noarch/repodata.json.zst") == 2
+    assert package in listed(config.root, "linux-64")
+
+
+async def test_a_file_failing_its_sha256_is_not_published_and_the_run_exits_1(upstream, write_config) -> None:
+    bad = upstream.files("linux-64")[0]
+    upstream.control.corrupt.add(f"demo/linux-64/{bad}")
+    config = write_config(upstream.channel_url)
+    code, out, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 1
+    assert bad in err and "sha256 mismatch" in err and "Traceback" not in err
+    assert bad not in listed(config.root, "linux-64")
+    assert not (config.root / "conda-demo" / "linux-64" / bad).exists()
+    assert not list(config.root.rglob(f"{TEMP_PREFIX}*"))
+    # Everything else was published, and installs are verified by the client too.
+    others = set(upstream.files("linux-64")) - {bad}
+    assert others <= listed(config.root, "linux-64")
+    assert all((config.root / "conda-demo" / "linux-64" / f).exists() for f in others)
+    report = json.loads((await cli("report", "-c", str(config.path), "--json"))[1])
+    assert f"linux-64/{bad}" in report["conda-demo"]["failed"]
+    status = json.loads((await cli("status", "-c", str(config.path), "--json"))[1])
+    assert status["mirrors"][0]["state"] == "failed"
+
+    # Upstream fixed: the next run fetches only that file and publishes it.
+    upstream.control.corrupt.clear()
+    before = len(upstream.control.requests)
+    code, _, _ = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 0 and bad in listed(config.root, "linux-64")
+    fetched = [r for r in upstream.control.requests[before:] if r.endswith((".conda", ".tar.bz2"))]
+    assert fetched == [f"GET /demo/linux-64/{bad}"]
+
+
+async def test_a_rerun_downloads_nothing_that_is_already_verified(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    store = Store(config.root)
+    first = await sync_mirror(config, config.mirrors[0], store, progress=False)
+    assert first.downloaded == 8
+    before = len(upstream.control.requests)
+    second = await sync_mirror(config, config.mirrors[0], store, progress=False)
+    assert second.downloaded == 0 and second.reused == 8 and second.rehashed == 0
+    assert not [r for r in upstream.control.requests[before:] if r.endswith((".conda", ".tar.bz2"))]
+
+
+async def test_a_run_killed_half_way_completes_on_rerun_without_fetching_verified_files_again(
+        upstream, write_config) -> None:
+    upstream.control.delay = 0.4
+    config = write_config(upstream.channel_url, concurrency=1)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(config.path), "--quiet",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    journal = config.root / ".mirrorgen" / "conda-demo" / "manifest.journal"
+    for _ in range(200):
+        if journal.exists() and len(journal.read_bytes().splitlines()) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    verified_before_kill = [orjson.loads(line)[1] for line in journal.read_bytes().splitlines()]
+    assert 3 <= len(verified_before_kill) < 8
+    # Killed before publishing: no index yet, and no partial file under a final name.
+    assert not (config.root / "conda-demo" / "linux-64" / "repodata.json").exists()
+    # Every file under its final name is complete and exactly upstream's.
+    on_disk = [p for p in (config.root / "conda-demo").rglob("*")
+               if p.is_file() and not p.name.startswith(TEMP_PREFIX)]
+    assert len(on_disk) >= len(verified_before_kill)
+    for path in on_disk:
+        relpath = path.relative_to(config.root / "conda-demo").as_posix()
+        assert path.read_bytes() == (upstream.root / "demo" / relpath).read_bytes(), relpath
+
+    upstream.control.delay = 0
+    before = len(upstream.control.requests)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {} and result.reused >= len(verified_before_kill)
+    refetched = {r.split("/demo/", 1)[1] for r in upstream.control.requests[before:]
+                 if r.endswith((".conda", ".tar.bz2"))}
+    assert not refetched & set(verified_before_kill)
+    assert len(listed(config.root, "linux-64") | listed(config.root, "noarch")) == 8
+    assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
+
+
+async def test_a_failed_upstream_leaves_the_last_published_index_in_place(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url, retries=1)
+    store = Store(config.root)
+    await sync_mirror(config, config.mirrors[0], store, progress=False)
+    index = config.root / "conda-demo" / "linux-64" / "repodata.json"
+    published = index.read_bytes()
+    upstream.control.fail_first = {f"demo/linux-64/repodata.json{ext}": 99 for ext in (".zst", ".bz2", "")}
+    with pytest.raises(UpstreamError, match="HTTP 500"):
+        await sync_mirror(config, config.mirrors[0], store, progress=False)
+    assert index.read_bytes() == published
+    assert store.read_state("conda-demo", "status.json")["state"] == "failed"
+
+
+async def test_malformed_repodata_is_a_clear_error_and_writes_nothing(upstream, write_config) -> None:
+    for name in ("repodata.json.zst", "repodata.json.bz2"):
+        (upstream.root / "demo" / "linux-64" / name).unlink()
+    (upstream.root / "demo" / "linux-64" / "repodata.json").write_text('{"packages": {"a-1-0.conda": ')
+    config = write_config(upstream.channel_url)
+    with pytest.raises(RepodataError, match="malformed index"):
+        await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert not (config.root / "conda-demo").exists()
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "repodata.json: malformed index" in err
+    assert "Traceback" not in err
+
+
+async def test_hostile_file_names_never_write_outside_the_tree(upstream, write_config, tmp_path: Path) -> None:
+    subdir = upstream.root / "demo" / "noarch"
+    for name in ("repodata.json.zst", "repodata.json.bz2"):
+        (subdir / name).unlink()
+    doc = orjson.loads((subdir / "repodata.json").read_bytes())
+    record = next(iter(doc["packages.conda"].values()))
+    for evil in ("../../evil-1.0-0.conda", "/etc/evil-1.0-0.conda", "..", "sub/dir-1.0-0.conda"):
+        doc["packages.conda"][evil] = record
+    (subdir / "repodata.json").write_bytes(orjson.dumps(doc))
+    config = write_config(upstream.channel_url)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {} and result.kept == 8
+    assert not (tmp_path / "evil-1.0-0.conda").exists() and not (config.root / "evil-1.0-0.conda").exists()
+    report = Store(config.root).read_state("conda-demo", "report.json")
+    assert report["excluded"]["upstream"]["count"] == 4
+    assert not [r for r in upstream.control.requests if "evil" in r or "sub/dir" in r]
+
+
+async def test_dry_run_writes_nothing_and_clean_removes_what_the_filters_no_longer_keep(
+        upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    code, out, _ = await cli("sync", "-c", str(config.path), "--dry-run")
+    assert code == 0 and "8 files to fetch" in out
+    assert not (config.root / "conda-demo").exists()
+
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    old_base = next(f for f in upstream.files("linux-64") if f.startswith("demo-base-0.9"))
+    # Tighten the filters: the old demo-base is no longer wanted.
+    data = yaml.safe_load(config.path.read_text())
+    data["mirrors"][0]["filters"] = {"latest": 1}
+    config.path.write_text(yaml.safe_dump(data))
+    code, out, _ = await cli("sync", "-c", str(config.path))
+    assert code == 0 and old_base not in listed(config.root, "linux-64")
+    assert (config.root / "conda-demo" / "linux-64" / old_base).exists()  # nothing deleted without --clean
+
+    code, out, _ = await cli("clean", "-c", str(config.path), "--dry-run")
+    assert code == 0 and f"linux-64/{old_base}" in out
+    assert (config.root / "conda-demo" / "linux-64" / old_base).exists()
+    code, out, _ = await cli("clean", "-c", str(config.path))
+    assert code == 0 and not (config.root / "conda-demo" / "linux-64" / old_base).exists()
+    code, out, _ = await cli("verify", "-c", str(config.path))
+    assert code == 0 and "0 missing, 0 corrupt, 0 stray" in out
+
+
+async def test_verify_reports_corrupt_missing_and_stray_files(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    subdir = config.root / "conda-demo" / "noarch"
+    files = sorted(p for p in subdir.iterdir() if p.name.endswith((".conda", ".tar.bz2")))
+    data = bytearray(files[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    files[1].unlink()
+    (subdir / "stray-1.0-0.conda").write_bytes(b"x")
+    code, out, _ = await cli("verify", "-c", str(config.path), "--json")
+    doc = json.loads(out)["mirrors"][0]
+    assert code == 1
+    assert list(doc["corrupt"]) == [f"noarch/{files[0].name}"]
+    assert doc["missing"] == [f"noarch/{files[1].name}"]
+    assert doc["stray"] == ["noarch/stray-1.0-0.conda"]
+    # A sync repairs both: the manifest no longer trusts the changed and the missing file.
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
+
+
+async def test_passive_mode_writes_indexes_only(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url, mode="passive")
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.downloaded == 0 and result.kept == 8
+    assert len(listed(config.root, "linux-64") | listed(config.root, "noarch")) == 8
+    assert not [p for p in (config.root / "conda-demo").rglob("*") if p.name.endswith((".conda", ".tar.bz2"))]
+    assert not [r for r in upstream.control.requests if r.endswith((".conda", ".tar.bz2"))]
+
+
+def test_two_runs_of_one_mirror_never_overlap(tmp_path: Path) -> None:
+    from mirrorgen.errors import LockedError
+
+    store = Store(tmp_path)
+    with store.lock("m"):
+        with pytest.raises(LockedError, match="already being synced"):
+            with store.lock("m"):
+                pass
+    with store.lock("m"):
+        pass
+
+
+@pytest.mark.parametrize("relpath", ["../x", "/etc/passwd", "a/../../x", "a//b", "a\\b", ".mirrorgen/x",
+                                     "x\x00y", "a/.", ""])
+def test_store_refuses_paths_outside_the_mirror(tmp_path: Path, relpath: str) -> None:
+    from mirrorgen.errors import UnsafePath
+
+    with pytest.raises(UnsafePath):
+        Store(tmp_path).resolve("m", relpath)
