@@ -49,12 +49,23 @@ def _family_of_term(term: str) -> str:
     return "other"
 
 
-def families_of(license_family: str | None, license: str | None) -> frozenset[str]:
-    """The families a record belongs to: its license_family, else every family its SPDX names."""
-    if license_family and license_family.strip():
-        family = normalize_family(license_family)
-        return frozenset({family if family in LICENSE_FAMILIES else "other"})
+def _spdx_families(license: str | None) -> frozenset[str]:
     if not license or not license.strip() or license.strip().lower() in ("none", "unknown"):
         return frozenset({"none"})
     terms = [t for t in _SPLIT_RE.split(license) if t and t.strip()]
     return frozenset(_family_of_term(t) for t in terms) or frozenset({"none"})
+
+
+def families_of(license_family: str | None, license: str | None) -> frozenset[str]:
+    """The families a record belongs to: its license_family and every family its SPDX names.
+
+    Both count because real records disagree: conda-forge writes ``license_family: GPL`` with
+    ``license: GPL-3.0-only``, and ``-gpl3`` must catch that record. SPDX terms we cannot place
+    add nothing when a license_family is given (they would only add "other").
+    """
+    spdx = _spdx_families(license)
+    if license_family and license_family.strip():
+        family = normalize_family(license_family)
+        family = family if family in LICENSE_FAMILIES else "other"
+        return frozenset({family}) | (spdx - {"other", "none"})
+    return spdx

@@ -136,3 +136,38 @@ def test_readme_opens_with_the_demo_and_test_commands() -> None:
     assert "mirrorgen demo" in commands[0]
     assert ".ci/run" in commands[1] or "pytest" in commands[1]
     assert os.path.exists(Path(__file__).parent.parent / ".ci" / "run")
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "monolithic"])
+async def test_rattler_solves_python_from_a_filtered_real_conda_forge_extract(
+        write_config, tmp_path: Path, sharded: bool) -> None:
+    # 12,132 real conda-forge records, top-level `metadata` with an upstream base_url; passive
+    # mode, so only the indexes are written and the solve needs no package files. `latest: 2` alone
+    # would drop the libzlib 1.2 that python 3.9 needs: the dependency closure puts it back.
+    import shutil
+
+    source = tmp_path / "conda-forge-extract"
+    shutil.copytree(Path(__file__).parents[2] / "shared" / "testdata" / "conda" / "subchannel-demo", source)
+    config = write_config(str(source), mode="passive", subdirs=["linux-64"],
+                          filters={"python_versions": ["3.9"], "licenses": ["-gpl3"], "latest": 2,
+                                   # seed 000: the allowlist restores GPL-3 readline (and the
+                                   # other GPL-3 libraries cpython needs: the dependency report
+                                   # names them under "blocked" when they are missing).
+                                   "include": ["readline", "ld_impl_linux-64", "gdbm", "libgcc-ng",
+                                               "libstdcxx-ng", "libgomp"],
+                                   "include_dependencies": True})
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {} and 0 < result.kept < result.upstream
+    port = free_port()
+    with run_nginx(render_server_block(config, listen=f"127.0.0.1:{port}"), tmp_path / "nginx") as nginx:
+        records = await solve_async(f"{nginx.base_url}/conda-demo", ["python 3.9.*", "pip"],
+                                    tmp_path / "cache", sharded=sharded)
+    by_name = {r.name.normalized: r for r in records}
+    assert str(by_name["python"].version).startswith("3.9.")
+    assert "pip" in by_name, sorted(by_name)
+    assert "readline" in by_name  # GPL-3, restored by include
+    report = Store(config.root).read_state("conda-demo", "report.json")
+    assert report["excluded"]["licenses"]["count"] > 0
+    assert any(k.startswith("linux-64/readline-") for k in report["restored_by_include"])
+    # Packages resolve to the mirror, never to upstream's base_url.
+    assert all(str(r.url).startswith(f"http://127.0.0.1:{port}/conda-demo/") for r in records)

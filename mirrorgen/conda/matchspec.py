@@ -120,7 +120,9 @@ class CondaEcosystem:
         if record.name == "python":
             # The interpreter itself: keep only the configured series.
             return any(record.version == v or record.version.startswith(v + ".") for v in versions)
-        for dep in record.depends:
+        # A python pin in `constrains` (python_abi, many noarch records) rules a record out just as
+        # surely as one in `depends`: it cannot be installed alongside the other pythons.
+        for dep in (*record.depends, *record.constrains):
             constraint = _python_dependency(dep)
             if constraint is False:
                 continue

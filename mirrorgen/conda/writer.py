@@ -23,7 +23,8 @@ from .shards import encode_shard, encode_shard_index, shard_digest, shard_relpat
 __all__ = ["RepodataFiles", "render_repodata", "render_channeldata", "compress_zst", "render_shards"]
 
 ZSTD_LEVEL: Final = 3  # what conda-index and the naive baseline use; fast and ~10x smaller
-_DROPPED_INFO_KEYS: Final = frozenset({"base_url", "shards_base_url"})
+# base_url would point clients back upstream; repodata_version is ours to set (top level, 1).
+_DROPPED_INFO_KEYS: Final = frozenset({"base_url", "shards_base_url", "repodata_version"})
 _ENCODER: Final = msgspec.json.Encoder()
 
 

@@ -48,19 +48,22 @@ def apply_filters(records: Sequence[Any], filters: Filters, eco: Ecosystem) -> F
     current = filter_dates(py_ok, filters.date_from, filters.date_to, eco, dropped)
     current = filter_only(current, only, dropped)
 
-    # Policy: licenses first, then exclude "as a supplemental modifier" (seed 000).
+    # Policy: licenses first, then exclude "as a supplemental modifier" (seed 000); include puts
+    # back what those two removed. The verdict covers every record that passed the python filter,
+    # not only what `only` kept: the dependency closure draws from that pool and must honour it.
     policy: dict[str, tuple[str, str]] = {}
-    after_policy = filter_licenses(current, filters.licenses, eco, policy)
-    after_policy = filter_exclude(after_policy, exclude, policy)
+    passed = filter_licenses(py_ok, filters.licenses, eco, policy)
+    filter_exclude(passed, exclude, policy)
     restored = []
     if include:
-        for record in current:
+        for record in py_ok:
             if record.key in policy and include.match(record) is not None:
                 del policy[record.key]
                 restored.append(record.key)
-        keep_keys = {r.key for r in after_policy} | set(restored)
-        after_policy = [r for r in current if r.key in keep_keys]
-    dropped.update(policy)
+    in_current = {r.key for r in current}
+    restored = [k for k in restored if k in in_current]
+    after_policy = [r for r in current if r.key not in policy]
+    dropped.update((k, v) for k, v in policy.items() if k in in_current)
 
     kept = filter_latest(after_policy, filters.latest, eco, dropped)
 
