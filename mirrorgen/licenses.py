@@ -49,10 +49,17 @@ def _family_of_term(term: str) -> str:
     return "other"
 
 
+# Free-text spellings conda-build's license guesser also reads as GPL2/GPL3: "GPL 3", "GPL v3",
+# "GPL (>= 3)", "LGPL v2.1".
+_GPL_TEXT_RE: Final = re.compile(r"\b((?:L|A)?GPL)\s*(?:\(\s*>=?\s*|v\s*|\s+)(\d)", re.IGNORECASE)
+
+
 def _spdx_families(license: str | None) -> frozenset[str]:
     if not license or not license.strip() or license.strip().lower() in ("none", "unknown"):
         return frozenset({"none"})
-    terms = [t for t in _SPLIT_RE.split(license) if t and t.strip()]
+    license = _GPL_TEXT_RE.sub(r"\1-\2", license)
+    # R's "MIT + file LICENSE" names a file with more terms, not another license.
+    terms = [t for t in _SPLIT_RE.split(license) if t and t.strip() and not t.strip().lower().startswith("file ")]
     return frozenset(_family_of_term(t) for t in terms) or frozenset({"none"})
 
 

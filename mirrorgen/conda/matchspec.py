@@ -21,6 +21,7 @@ from .record import CondaRecord
 __all__ = ["CondaSpec", "CondaEcosystem", "parse_matchspec", "conda_version"]
 
 _VERSION_LITERAL_RE: Final = re.compile(r"\d+(?:\.[0-9A-Za-z_]+)*")
+_DEP_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,9 @@ def _package_record(record: CondaRecord) -> PackageRecord:
 def _python_dependency(dep: str) -> VersionSpec | None | bool:
     """The version constraint of a ``python ...`` dependency: None if unconstrained, False if the
     dependency is not on python, the VersionSpec otherwise."""
-    name = dep.split(None, 1)[0].split("[", 1)[0]
-    if name != "python":
+    # The name ends where the version begins, with or without a space ("python>=3.12").
+    match = _DEP_NAME_RE.match(dep)
+    if match is None or match.group(0) != "python":
         return False
     try:
         version = MatchSpec(dep).version
