@@ -8,6 +8,7 @@ line and the key. The source documents' keys (cas-sync's ``channels``, ``platfor
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,7 @@ class _Entry:
                 line = value.line_of(i) if isinstance(value, LocatedList) else data.line_of(key)
                 raise ConfigError(f"item {i}: expected a string, got {type(item).__name__}",
                                   file=self.file, line=line, key=where)
-            out.append(str(item).strip())
+            out.append((getattr(item, "text", None) or str(item)).strip())
         return tuple(out)
 
     def integer(self, key: str, default: int | None, *, minimum: int = 1) -> int | None:
@@ -296,11 +297,20 @@ def _sources(e: _Entry, config_path: Path) -> tuple[str, ...]:
         raise e.err(key, "expected at least one upstream URL or directory")
     out = []
     for value in values:
+        # Seed 001 writes file://$MIRRORS_ARCHIVE/r/pkgs: environment variables are expanded.
+        value = os.path.expandvars(value)
+        if not value:
+            raise e.err(key, "empty source (give an upstream URL or directory)")
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-            scheme = value.split("://", 1)[0].lower()
+            scheme, rest = value.split("://", 1)
+            scheme = scheme.lower()
             if scheme not in ("http", "https", "file"):
                 raise e.err(key, f"unsupported URL scheme {scheme!r} in {_redact(value)}")
-            out.append(value)
+            if scheme == "file" and not rest.startswith("/") and not rest.startswith("localhost/"):
+                raise e.err(key, f"{_redact(value)}: a file:// URL needs an absolute path (file:///path)")
+            if scheme != "file" and not rest.split("/", 1)[0]:
+                raise e.err(key, f"{_redact(value)}: the URL has no host")
+            out.append(f"{scheme}://{rest}")
         else:
             out.append(str(_resolve_path(value, config_path)))
     return tuple(out)

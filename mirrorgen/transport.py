@@ -41,7 +41,7 @@ def local_path(source: str) -> Path | None:
     if is_remote(source):
         return None
     if source.startswith("file://"):
-        return Path(unquote(urlsplit(source).path))
+        return Path(unquote(urlsplit(source).path))  # config allows only file:/// and file://localhost/
     return Path(source)
 
 

@@ -67,12 +67,45 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
+class LocatedFloat(float):
+    """A YAML float that remembers how it was written: `3.10` must stay "3.10", not become 3.1."""
+
+    text: str
+
+
+def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
+    value = LocatedFloat(loader.construct_yaml_float(node))
+    value.text = node.value
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def _construct_timestamp(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    loader.last_node_line = node.start_mark.line + 1
+    return loader.construct_yaml_timestamp(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
+
+
+def _current_line(loader: _Loader) -> int | None:
+    return getattr(loader, "last_node_line", None)
+
+
 def load_yaml(text: str, file: str) -> Any:
     """Parse YAML text; a syntax error becomes a one-line :class:`ConfigError` with its line."""
     loader = _Loader(text)
     loader.name = file
     try:
         return loader.get_single_data()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        # PyYAML's own constructors raise a bare ValueError for an impossible date (2024-02-30).
+        node_line = _current_line(loader)
+        raise ConfigError(f"invalid value: {exc}", file=file, line=node_line) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None

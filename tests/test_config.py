@@ -696,14 +696,11 @@ def test_cli_sync_of_pypi_and_cran_mirrors_exits_2_not_implemented(tmp_path: Pat
 # --------------------------------------------------------------------------------------------------
 # Known bugs in mirrorgen/ (strict xfail: each starts passing, and so failing here, once fixed)
 
-@pytest.mark.xfail(strict=True, reason="yamlnodes.load_yaml only catches yaml.YAMLError: an unquoted "
-                   "impossible date (2024-02-30) raises a bare ValueError from PyYAML's timestamp constructor")
 def test_unquoted_impossible_date_is_a_config_error() -> None:
     err = config_error(BASE.replace(_LATEST, "      date_from: 2024-02-30\n"))
     assert err.line == 9
 
 
-@pytest.mark.xfail(strict=True, reason="same bug via the CLI: traceback and exit 1 instead of one line and exit 2")
 def test_cli_unquoted_impossible_date_exits_2_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "mirrorgen.yaml"
     path.write_text(BASE.replace("root: /srv/mirror", f"root: {tmp_path / 'tree'}")
@@ -711,8 +708,6 @@ def test_cli_unquoted_impossible_date_exits_2_without_traceback(tmp_path: Path) 
     assert_usage_error(cli("sync", "-c", str(path), cwd=tmp_path), f"{path}:9")
 
 
-@pytest.mark.xfail(strict=True, reason="config._Entry.strings turns the YAML float 3.10 into '3.1' "
-                   "silently; expected '3.10' or an error asking to quote it")
 def test_unquoted_python_version_3_10_is_not_silently_3_1() -> None:
     text = f"root: /srv/mirror\ntype: conda\nchannels: [{MAIN}]\npython_versions: [3.10]\n"
     try:
@@ -732,22 +727,16 @@ def test_invalid_matchspec_in_a_compatibility_key_names_that_key(key: str, line:
     assert (err.line, err.key) == (line, f"mirrors[0].{key}")
 
 
-@pytest.mark.xfail(strict=True, reason="config._sources lowercases the scheme only to validate it; "
-                   "'HTTPS://...' is kept as is and urls.is_remote (case-sensitive) then treats it as a local path")
 def test_uppercase_scheme_is_a_remote_source() -> None:
     config = parse("root: /srv/mirror\ntype: conda\nsource: HTTPS://repo.anaconda.com/pkgs/main\n")
     assert is_remote(config.mirrors[0].sources[0])
 
 
-@pytest.mark.xfail(strict=True, reason="config._sources accepts file://HOST/path; transport.local_path "
-                   "then drops HOST and reads /path (seed 001 writes file://$MIRRORS_ARCHIVE/r/pkgs)")
 def test_file_url_with_a_host_is_a_config_error() -> None:
     err = config_error("root: /srv/mirror\ntype: conda\nchannels: ['file://archive/r/pkgs']\n")
     assert (err.line, err.key) == (3, "channels")
 
 
-@pytest.mark.xfail(strict=True, reason="config._sources: an empty source string resolves to the config "
-                   "file's own directory instead of being an error")
 def test_empty_source_string_is_a_config_error() -> None:
     err = config_error("root: /srv/mirror\ntype: conda\nsource: ''\n")
     assert (err.line, err.key) == (3, "source")
