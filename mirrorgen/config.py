@@ -126,7 +126,7 @@ def parse_config(text: str, path: Path) -> Config:
         for key in data:
             if key not in _TOP_KEYS:
                 raise ConfigError(f"unknown key (top level accepts {', '.join(sorted(_TOP_KEYS))})",
-                                  file=file, line=data.line_of(key), key=key)
+                                  file=file, line=data.line_of(key), key=_join("", key))
         entries = data["mirrors"]
         if entries is None:
             entries = LocatedList()
@@ -156,7 +156,25 @@ def parse_config(text: str, path: Path) -> Config:
 
 
 def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
+    from .urls import redact
+
+    # A key is user text: a URL pasted where a key belongs must not leak its token.
+    return f"{prefix}.{redact(key)}" if prefix else redact(key)
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in YAML's words (never our internal class names)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if value is None:
+        return "nothing"
+    return type(value).__name__
 
 
 def _resolve_path(value: str, config_path: Path) -> Path:
@@ -177,7 +195,7 @@ class _Entry:
     def string(self, key: str, default: str | None = None) -> str | None:
         value = self.data.get(key, default)
         if value is not None and not isinstance(value, str):
-            raise self.err(key, f"expected a string, got {type(value).__name__}")
+            raise self.err(key, f"expected a string, got {_kind(value)}")
         return value
 
     def strings(self, key: str, *, data: LocatedDict | None = None, prefix: str | None = None
@@ -190,13 +208,13 @@ class _Entry:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"expected a list of strings, got {type(value).__name__}",
+            raise ConfigError(f"expected a list of strings, got {_kind(value)}",
                               file=self.file, line=data.line_of(key), key=where)
         out = []
         for i, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, (str, int, float)):
                 line = value.line_of(i) if isinstance(value, LocatedList) else data.line_of(key)
-                raise ConfigError(f"item {i}: expected a string, got {type(item).__name__}",
+                raise ConfigError(f"item {i}: expected a string, got {_kind(item)}",
                                   file=self.file, line=line, key=where)
             out.append((getattr(item, "text", None) or str(item)).strip())
         return tuple(out)
