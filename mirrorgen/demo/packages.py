@@ -58,6 +58,7 @@ from typing import Any, Literal, TypeVar
 import zstandard
 
 __all__ = [
+    "run_blocking",
     "DEFAULT_TIMESTAMP_MS",
     "PackageSpec",
     "build_package",
@@ -221,7 +222,7 @@ def build_package(spec: PackageSpec, out_dir: Path) -> Path:
     return target
 
 
-def _run_blocking(coro: Coroutine[Any, Any, _T]) -> _T:
+def run_blocking(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run ``coro`` to completion from sync code, even inside a running loop.
 
     ``asyncio.run`` refuses to nest, and async tests call :func:`write_channel`
@@ -270,7 +271,7 @@ def write_channel(
         build_package(spec, channel_dir / spec.subdir)
     # Explicit write_zst/write_shards so a user's rattler index-config cannot
     # change what the tests see; force so a re-run re-indexes every subdir.
-    _run_blocking(index_fs(channel_dir, write_zst=zst, write_shards=shards, force=True))
+    run_blocking(index_fs(channel_dir, write_zst=zst, write_shards=shards, force=True))
     if bz2:
         for repodata in sorted(channel_dir.glob("*/repodata.json")):
             compressed = bz2_module.compress(repodata.read_bytes(), compresslevel=9)

@@ -19,14 +19,13 @@ fetch everything again.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 from rattler import Gateway, RepoDataRecord, SourceConfig, Subdir
+
+from mirrorgen.demo.packages import run_blocking
 from rattler import install as rattler_install
 from rattler import solve as rattler_solve
 
@@ -38,7 +37,6 @@ __all__ = [
     "solve_async",
 ]
 
-_T = TypeVar("_T")
 
 
 def _gateway(cache_dir: Path, *, sharded: bool) -> Gateway:
@@ -120,29 +118,6 @@ def installed_names(prefix: Path) -> list[str]:
     return sorted(names)
 
 
-def _run_blocking(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro`` on a private loop; on a helper thread if one is running here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    result: list[_T] = []
-    errors: list[BaseException] = []
-
-    def runner() -> None:
-        try:
-            result.append(asyncio.run(coro))
-        except BaseException as exc:  # re-raised in the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=runner, name="rattler-client")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 def solve(
     channel_url: str,
     specs: Sequence[str],
@@ -152,7 +127,7 @@ def solve(
     sharded: bool,
 ) -> list[RepoDataRecord]:
     """Blocking :func:`solve_async`.  Not a coroutine: do not await."""
-    return _run_blocking(solve_async(channel_url, specs, cache_dir, platform=platform, sharded=sharded))
+    return run_blocking(solve_async(channel_url, specs, cache_dir, platform=platform, sharded=sharded))
 
 
 def solve_and_install(
@@ -169,6 +144,6 @@ def solve_and_install(
     Blocks the calling thread (and its event loop, if any) until done, so the
     channel must be served by another process or thread.
     """
-    return _run_blocking(
+    return run_blocking(
         solve_and_install_async(channel_url, specs, prefix, cache_dir, platform=platform, sharded=sharded)
     )
