@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import secrets
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,7 @@ import orjson
 
 from .errors import LockedError, UnsafePath
 
-__all__ = ["Store", "Manifest", "Entry", "STATE_DIR", "TEMP_PREFIX"]
+__all__ = ["Store", "Manifest", "Entry", "STATE_DIR", "TEMP_PREFIX", "hash_file"]
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
@@ -38,6 +39,19 @@ class Entry:
     sha256: str | None
     md5: str | None
     mtime_ns: int
+
+
+def hash_file(path: Path, *, md5: bool = True) -> tuple[str, str | None]:
+    """sha256 (and md5) of a file already on disk, read once: for files a crash left unrecorded
+    and for ``verify``. Downloads hash while they stream instead (mirrorgen.transport)."""
+    h_sha = hashlib.sha256()
+    h_md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h_sha.update(chunk)
+            if h_md5 is not None:
+                h_md5.update(chunk)
+    return h_sha.hexdigest(), (h_md5.hexdigest() if h_md5 is not None else None)
 
 
 class Store:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +20,8 @@ from .errors import ConfigError, MirrorError, UnsafePath, UsageError
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
-from .store import Entry, Manifest, Store
+from .store import Entry, Manifest, Store, hash_file
 from .transport import Transport
-from .urls import redact
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
 
@@ -220,16 +218,12 @@ def _hash_existing(path: Path, size: int | None, sha256: str | None, md5: str | 
     st = path.stat()
     if size is not None and st.st_size != size:
         return None
-    h_sha, h_md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h_sha.update(chunk)
-            h_md5.update(chunk)
-    if sha256 and h_sha.hexdigest() != sha256.lower():
+    got_sha, got_md5 = hash_file(path)
+    if sha256 and got_sha != sha256.lower():
         return None
-    if not sha256 and md5 and h_md5.hexdigest() != md5.lower():
+    if not sha256 and md5 and got_md5 != md5.lower():
         return None
-    return Entry(st.st_size, h_sha.hexdigest(), md5.lower() if md5 else h_md5.hexdigest(), st.st_mtime_ns)
+    return Entry(st.st_size, got_sha, md5.lower() if md5 else got_md5, st.st_mtime_ns)
 
 
 def stray_files(store: Store, mirror: MirrorConfig, channel: Any, keep: set[str]) -> list[str]:
@@ -251,7 +245,3 @@ def stray_files(store: Store, mirror: MirrorConfig, channel: Any, keep: set[str]
         elif "/shards/" in relpath and relpath not in index_files:
             out.append(relpath)
     return out
-
-
-def redacted_sources(mirror: MirrorConfig) -> list[str]:
-    return [redact(s) for s in mirror.sources]

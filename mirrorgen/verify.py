@@ -4,7 +4,6 @@ and stray files. Unlike a sync, this trusts nothing: every byte is read again.""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MirrorConfig
-from .store import Store
+from .store import Store, hash_file
 from .sync import channel_for, stray_files
 
 __all__ = ["VerifyResult", "verify_mirror"]
@@ -45,18 +44,13 @@ def _check(path: Path, record: dict[str, Any]) -> str | None:
     if isinstance(want_size, int) and size != want_size:
         return f"size {size}, index says {want_size}"
     sha256, md5 = record.get("sha256"), record.get("md5")
-    h_sha, h_md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h_sha.update(chunk)
-            if not sha256:
-                h_md5.update(chunk)
+    got_sha, got_md5 = hash_file(path, md5=not sha256)
     if isinstance(sha256, str) and sha256:
-        if h_sha.hexdigest() != sha256.lower():
-            return f"sha256 {h_sha.hexdigest()}, index says {sha256}"
+        if got_sha != sha256.lower():
+            return f"sha256 {got_sha}, index says {sha256}"
     elif isinstance(md5, str) and md5:
-        if h_md5.hexdigest() != md5.lower():
-            return f"md5 {h_md5.hexdigest()}, index says {md5}"
+        if got_md5 != md5.lower():
+            return f"md5 {got_md5}, index says {md5}"
     else:
         return "the index gives no hash to check against"
     return None

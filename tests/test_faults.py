@@ -108,6 +108,10 @@ async def test_a_run_killed_half_way_completes_on_rerun_without_fetching_verifie
         relpath = path.relative_to(config.root / "conda-demo").as_posix()
         assert path.read_bytes() == (upstream.root / "demo" / relpath).read_bytes(), relpath
 
+    # The killed run's state says running; no process holds the lock, so status says stopped.
+    code, out, _ = await cli("status", "-c", str(config.path), "--json")
+    assert code == 0 and json.loads(out)["mirrors"][0]["state"] == "stopped"
+
     upstream.control.delay = 0
     before = len(upstream.control.requests)
     result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
@@ -238,3 +242,56 @@ def test_store_refuses_paths_outside_the_mirror(tmp_path: Path, relpath: str) ->
 
     with pytest.raises(UnsafePath):
         Store(tmp_path).resolve("m", relpath)
+
+
+async def test_files_on_disk_but_not_in_the_manifest_are_rehashed_not_downloaded(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    store = Store(config.root)
+    await sync_mirror(config, config.mirrors[0], store, progress=False)
+    for name in ("manifest.json", "manifest.journal"):
+        (config.root / ".mirrorgen" / "conda-demo" / name).unlink(missing_ok=True)
+    # One file was damaged meanwhile: it must be fetched again, not trusted.
+    damaged = next((config.root / "conda-demo" / "noarch").glob("*.conda"))
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)
+    before = len(upstream.control.requests)
+    result = await sync_mirror(config, config.mirrors[0], store, progress=False)
+    assert (result.rehashed, result.downloaded, result.failed) == (7, 1, {})
+    fetched = [r for r in upstream.control.requests[before:] if r.endswith((".conda", ".tar.bz2"))]
+    assert fetched == [f"GET /demo/noarch/{damaged.name}"]
+    assert (await verify_mirror(config.mirrors[0], store)).failed is False
+
+
+async def test_sync_clean_removes_files_no_longer_listed_after_the_new_index_is_live(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    stray = config.root / "conda-demo" / "linux-64" / "gone-1.0-0.tar.bz2"
+    stray.write_bytes(b"old")
+    data = yaml.safe_load(config.path.read_text())
+    data["mirrors"][0]["filters"] = {"exclude": ["demo-bsd"]}
+    config.path.write_text(yaml.safe_dump(data))
+    noarch = config.root / "conda-demo" / "noarch"
+    shards_before = {p.name for p in (noarch / "shards").iterdir()}
+    code, out, _ = await cli("sync", "-c", str(config.path), "--clean", "--quiet")
+    # The stray file, the demo-bsd package, and demo-bsd's shard that no index references now.
+    assert code == 0 and "3 removed" in out
+    assert not stray.exists() and not list(noarch.glob("demo-bsd-*"))
+    assert len(shards_before - {p.name for p in (noarch / "shards").iterdir()}) == 1
+    assert not [f for f in listed(config.root, "noarch") if f.startswith("demo-bsd-")]
+    channeldata = orjson.loads((config.root / "conda-demo" / "channeldata.json").read_bytes())
+    assert "demo-bsd" not in channeldata["packages"] and channeldata["subdirs"] == ["linux-64", "noarch"]
+    assert channeldata["packages"]["demo-base"] == {**channeldata["packages"]["demo-base"],
+                                                    "subdirs": ["linux-64"], "version": "1.2"}
+
+
+async def test_report_shows_each_filter_and_writes_the_dependency_report(upstream, write_config, tmp_path: Path) -> None:
+    config = write_config(upstream.channel_url, filters={"only": ["demo-cli"], "licenses": ["-gpl3"],
+                                                         "include_dependencies": True})
+    code, _, _ = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 0
+    assert {f.split("-", 2)[0] + "-" + f.split("-", 2)[1] for f in
+            listed(config.root, "linux-64") | listed(config.root, "noarch")} == {"demo-cli", "demo-lib", "demo-base"}
+    code, out, _ = await cli("report", "-c", str(config.path))
+    assert code == 0 and "excluded by only: 5" in out and "added as dependencies: 2" in out
+    code, _, _ = await cli("report", "-c", str(config.path), "--dependencies", str(tmp_path / "deps.json"))
+    deps = json.loads((tmp_path / "deps.json").read_text())["conda-demo"]
+    assert deps["needs"]["demo-cli"] == ["demo-lib"] and sorted(deps["added"]) == ["demo-base", "demo-lib"]
