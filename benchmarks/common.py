@@ -1,0 +1,163 @@
+"""What every benchmark shares: measuring a child process, finding mirrorgen, printing results.
+
+Wall time and peak RSS are taken from the child itself (``os.wait4`` returns its rusage), so the
+benchmark harness's own memory never counts. Every figure is reported next to a baseline measured
+in the same invocation, as a ratio: absolute seconds on one machine say little about another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Measured:
+    wall: float          # seconds
+    rss: int             # peak resident set size, bytes
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+            check: bool = True) -> Measured:
+    """Run ``cmd`` to completion; its wall time and peak RSS (ru_maxrss is KiB on Linux)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = Measured(wall, usage.ru_maxrss * 1024, proc.returncode,
+                          out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def best_of(runs: int, cmd: Sequence[str], **kwargs: Any) -> Measured:
+    """The fastest of ``runs`` runs (the least disturbed by the rest of the machine)."""
+    results = [measure(cmd, **kwargs) for _ in range(max(1, runs))]
+    return min(results, key=lambda m: m.wall)
+
+
+@dataclass
+class Mirrorgen:
+    """How to run one build of mirrorgen: this checkout, or an older revision (``--before``)."""
+
+    label: str
+    pythonpath: Path
+
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", "import sys; from mirrorgen.cli import main; sys.exit(main())", *args]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(self.pythonpath), "NO_COLOR": "1", "TERM": "dumb"}
+
+    def run(self, *args: str, **kwargs: Any) -> Measured:
+        return measure(self.cmd(*args), env=self.env(), **kwargs)
+
+
+@contextlib.contextmanager
+def builds(before: str | None) -> Iterator[list[Mirrorgen]]:
+    """This checkout, and with ``before`` also that git revision, checked out in a temporary
+    worktree, so "before" and "after" are measured in one invocation on the same input."""
+    current = Mirrorgen("now", REPO)
+    if not before:
+        yield [current]
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="mirrorgen-before-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tmp / "src"), before],
+                   check=True, capture_output=True)
+    try:
+        yield [Mirrorgen(f"before ({before})", tmp / "src"), current]
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "src")],
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_config(path: Path, root: Path, mirrors: dict[str, dict[str, Any]]) -> Path:
+    listed = [{"name": name, **mirror} for name, mirror in mirrors.items()]
+    path.write_text(yaml.safe_dump({"root": str(root), "mirrors": listed}, sort_keys=False))
+    return path
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}, {platform.system()}"
+
+
+@dataclass
+class Table:
+    """Rows of results, printed as a fixed-width table and kept for the JSON summary."""
+
+    title: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def render(self) -> str:
+        if not self.rows:
+            return f"## {self.title}\n(no rows)\n"
+        cols = list(dict.fromkeys(k for row in self.rows for k in row))
+        cells = [[_fmt(row.get(c, "")) for c in cols] for row in self.rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        lines = [f"## {self.title}", "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def mib(n: int) -> float:
+    return n / 2**20
+
+
+@contextlib.contextmanager
+def serve(root: Path, workdir: Path, *, access_log: bool = False) -> Iterator[str]:
+    """A real nginx serving ``root`` on loopback (the same server the tests use); its base URL.
+
+    nginx, not an in-process Python server, so the upstream is never the bottleneck and every
+    client (mirrorgen, curl, conda-mirror) meets the same server."""
+    from tests.support.nginx import free_port, run_nginx
+
+    port = free_port()
+    log = "" if access_log else "access_log off;"
+    block = (f"server {{ listen 127.0.0.1:{port}; root {root}; {log} "
+             f"sendfile on; tcp_nopush on; keepalive_requests 100000; }}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with run_nginx(block, workdir) as server:
+        yield server.base_url
