@@ -34,18 +34,33 @@ class Measured:
     stderr: str = ""
 
 
+# Linux carries a process's RSS high-water mark across exec (and a fork/vfork child starts with its
+# parent's), so ru_maxrss of a child spawned straight from this harness is at least the harness's
+# own RSS at that moment - hundreds of MiB once a benchmark holds a big index in memory. GNU time is
+# a ~1 MiB process: spawned through it, the child's figure is its own.
+_GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
 def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
             check: bool = True) -> Measured:
     """Run ``cmd`` to completion; its wall time and peak RSS (ru_maxrss is KiB on Linux)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        argv = list(cmd)
+        if _GNU_TIME:
+            argv = [_GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        result = Measured(wall, usage.ru_maxrss * 1024, proc.returncode,
+        rss_kib = usage.ru_maxrss
+        if _GNU_TIME:
+            lines = rss_file.read().split()
+            rss_kib = int(lines[-1]) if lines and lines[-1].isdigit() else rss_kib
+        result = Measured(wall, rss_kib * 1024, proc.returncode,
                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
     if check and result.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stderr[-3000:]}")
@@ -152,6 +167,14 @@ def serve(root: Path, workdir: Path, *, access_log: bool = False) -> Iterator[st
 
     nginx, not an in-process Python server, so the upstream is never the bottleneck and every
     client (mirrorgen, curl, conda-mirror) meets the same server."""
+    with serve_nginx(root, workdir, access_log=access_log) as server:
+        yield server.base_url
+
+
+@contextlib.contextmanager
+def serve_nginx(root: Path, workdir: Path, *, access_log: bool = False) -> Iterator[Any]:
+    """:func:`serve`, yielding the running server itself (``tests.support.nginx.NginxServer``:
+    ``base_url``, ``access_log`` path), for benchmarks that count what a client requested."""
     from tests.support.nginx import free_port, run_nginx
 
     port = free_port()
@@ -160,4 +183,46 @@ def serve(root: Path, workdir: Path, *, access_log: bool = False) -> Iterator[st
              f"sendfile on; tcp_nopush on; keepalive_requests 100000; }}")
     workdir.mkdir(parents=True, exist_ok=True)
     with run_nginx(block, workdir) as server:
-        yield server.base_url
+        yield server
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    status: int
+    body_bytes: int   # nginx's $body_bytes_sent: the response body, headers not counted
+
+
+def access_log_since(log: Path, offset: int, *, settle: float = 0.2) -> list[Request]:
+    """Requests nginx logged (combined format) after byte ``offset`` of its access log.
+
+    nginx writes a line just after it sends the response, so a client that has exited may be a
+    moment ahead of the log: wait until the log stops growing for ``settle`` seconds."""
+    size = -1
+    while True:
+        now = log.stat().st_size if log.exists() else 0
+        if now == size:
+            break
+        size = now
+        time.sleep(settle)
+    if size <= offset:
+        return []
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        text = fh.read(size - offset).decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        try:
+            _, request, rest = line.split('"', 2)
+            method, path, _proto = request.split(" ", 2)
+            status, sent = rest.split()[:2]
+            out.append(Request(method, path, int(status), int(sent) if sent != "-" else 0))
+        except ValueError:
+            continue
+    return out
+
+
+def log_size(log: Path) -> int:
+    """Where the access log ends now: pass it to :func:`access_log_since` after a run."""
+    return log.stat().st_size if log.exists() else 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -98,12 +99,16 @@ def conda_records(count: int, *, seed: int = 0, conda_share: float = 0.8) -> Ite
 
 
 def generate_conda(out: Path, count: int, *, files: bool = False, seed: int = 0,
-                   subdirs: tuple[str, ...] = ("linux-64", "noarch"), file_size: int = 256) -> Upstream:
+                   subdirs: tuple[str, ...] = ("linux-64", "noarch"), file_size: int = 256,
+                   size_range: tuple[int, int] | None = None) -> Upstream:
     """A conda channel with ``count`` records spread over ``subdirs`` (noarch gets a tenth);
     with ``files``, every package file exists (``file_size`` bytes) and its record's size, sha256
-    and md5 are the file's real ones."""
+    and md5 are the file's real ones. With ``size_range=(lo, hi)`` file sizes are drawn instead
+    log-uniformly from [lo, hi] bytes (deterministic for ``seed``): many small files, a few large
+    ones carrying most of the bytes, as on a real channel."""
     out.mkdir(parents=True, exist_ok=True)
     up = Upstream(out, "conda", count, list(subdirs))
+    sizes = random.Random(f"sizes-{seed}")
     per: dict[str, dict[str, dict[str, bytes]]] = {s: {"packages": {}, "packages.conda": {}} for s in subdirs}
     main = [s for s in subdirs if s != "noarch"] or list(subdirs)
     for i, (fn, record) in enumerate(conda_records(count, seed=seed)):
@@ -112,7 +117,11 @@ def generate_conda(out: Path, count: int, *, files: bool = False, seed: int = 0,
         if subdir == "noarch":
             record.setdefault("noarch", "generic")
         if files:
-            data = _stand_in(f"{subdir}/{fn}", file_size)
+            size = file_size
+            if size_range is not None:
+                lo, hi = size_range
+                size = min(hi, max(lo, round(math.exp(sizes.uniform(math.log(lo), math.log(hi))))))
+            data = _stand_in(f"{subdir}/{fn}", size)
             path = out / subdir / fn
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)

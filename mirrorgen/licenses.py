@@ -10,6 +10,7 @@ operators, never otherwise interpreted.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final
 
 __all__ = ["LICENSE_FAMILIES", "normalize_family", "families_of"]
@@ -63,6 +64,7 @@ def _spdx_families(license: str | None) -> frozenset[str]:
     return frozenset(_family_of_term(t) for t in terms) or frozenset({"none"})
 
 
+@lru_cache(maxsize=1 << 16)  # a channel has a few thousand distinct (family, license) pairs
 def families_of(license_family: str | None, license: str | None) -> frozenset[str]:
     """The families a record belongs to: its license_family and every family its SPDX names.
 

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 import orjson
+import zstandard
 
 from .errors import LockedError, UnsafePath
 
@@ -31,6 +34,7 @@ STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
 _MAX_PATH: Final = 1024
 _MAX_PART: Final = 255
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +72,23 @@ class Store:
         return base / mirror if mirror else base
 
     def resolve(self, mirror: str, relpath: str) -> Path:
-        """The absolute path of ``relpath`` inside the mirror; UnsafePath for anything else."""
+        """The absolute path of ``relpath`` inside the mirror; UnsafePath for anything else.
+
+        Called once per package file on every run (100,000s), so the checks are a few string
+        operations and one regex, and the path is built from a string, not joined part by part.
+        """
         if not relpath or len(relpath) > _MAX_PATH:
             raise UnsafePath(relpath[:80], "empty or too long")
-        if "\\" in relpath or "\x00" in relpath or relpath.startswith("/") or ":" in relpath.split("/", 1)[0]:
+        if "\\" in relpath or relpath.startswith("/") or ":" in relpath.split("/", 1)[0]:
             raise UnsafePath(relpath, "not a relative path")
-        parts = relpath.split("/")
-        for part in parts:
+        if _CONTROL_RE.search(relpath):
+            raise UnsafePath(relpath, "control character")
+        for part in relpath.split("/"):
             if part in ("", ".", "..") or len(part) > _MAX_PART:
                 raise UnsafePath(relpath, f"bad path component {part!r}")
             if part.startswith(TEMP_PREFIX) or part == STATE_DIR:
                 raise UnsafePath(relpath, "reserved name")
-            if any(ord(c) < 32 for c in part):
-                raise UnsafePath(relpath, "control character")
-        return self.mirror_dir(mirror).joinpath(*parts)
+        return Path(f"{self.root}/{mirror}/{relpath}")
 
     # -- atomic writes ---------------------------------------------------------------------------
 
@@ -117,10 +124,65 @@ class Store:
                     fh.write(chunk)
             self.commit(tmp, fh, final)
 
-    def write_state(self, mirror: str | None, name: str, document: Any) -> None:
+    def write_with_zst(self, final: Path, chunks: Iterable[bytes], size: int, *, level: int = 3) -> None:
+        """``final`` and ``final.zst`` from one pass over ``chunks``: each chunk is written and fed
+        to the compressor (whose own threads compress while we go on), so the document is never
+        whole in memory. ``size`` goes into the zstd frame header; it must be exact. The .zst is
+        renamed into place first, the plain file last."""
+        zfinal = final.with_name(final.name + ".zst")
+        # threads=-1: zstd's worker threads on every core, outside the GIL.
+        compressor = zstandard.ZstdCompressor(level=level, threads=-1)
+        with self.temp_file(final) as (tmp, fh), self.temp_file(zfinal) as (ztmp, zfh):
+            written = 0
+            with compressor.stream_writer(zfh, size=size, closefd=False) as writer:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    writer.write(chunk)
+                    written += len(chunk)
+                if written != size:
+                    raise RuntimeError(f"{final.name}: rendered {written} bytes, announced {size}")
+            self.commit(ztmp, zfh, zfinal)
+            self.commit(tmp, fh, final)
+
+    def write_batch(self, items: Iterable[tuple[Path, bytes]]) -> int:
+        """Many small files at once (new CEP-16 shards): each is written under a temporary name,
+        then one filesystem sync makes them all durable, then they are renamed and each directory
+        fsynced once. The guarantee of :meth:`write_atomic`, at the cost of one sync instead of two
+        per file (a cold conda-forge subdir has 30,000 shards)."""
+        temps: list[tuple[str, Path]] = []
+        made: set[Path] = set()
+        try:
+            for final, data in items:
+                if final.parent not in made:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(final.parent)
+                tmp = f"{final.parent}/" + f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                temps.append((tmp, final))
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+            if not temps:
+                return 0
+            _sync_filesystem(temps[0][1].parent)
+            for tmp, final in temps:
+                os.replace(tmp, final)
+            for parent in made:
+                _fsync_dir(parent)
+            return len(temps)
+        finally:
+            for tmp, _ in temps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def write_state(self, mirror: str | None, name: str, document: Any, *, indent: bool = True) -> None:
         path = self.state_dir(mirror) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.write_atomic(path, orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+        option = orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
+        self.write_atomic(path, orjson.dumps(document, option=option))
 
     def read_state(self, mirror: str | None, name: str) -> Any:
         path = self.state_dir(mirror) / name
@@ -159,6 +221,29 @@ class Store:
             yield
         finally:
             os.close(fd)
+
+
+_LIBC: Any = None
+
+
+def _sync_filesystem(path: Path) -> None:
+    """syncfs(2) on the filesystem holding ``path``: flush every dirty page there in one call.
+    The standard library has no syncfs; ctypes reaches libc's. Elsewhere: os.sync()."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.syncfs  # noqa: B018 - probe
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _LIBC.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    os.sync()
 
 
 def _fsync_dir(path: Path) -> None:

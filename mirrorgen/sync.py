@@ -9,8 +9,11 @@ names it. Nothing is deleted except by ``--clean``, after the new index is live.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,17 @@ class RunResult:
     would_download: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     error: str | None = None
+    # Seconds per phase (read, filter, check, fetch, publish, clean, record): where a run's time
+    # went, for operators tuning a large mirror.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = round(self.timings.get(phase, 0.0) + time.perf_counter() - start, 3)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,26 +114,17 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
                dry_run: bool, clean: bool, progress: Progress, started: str) -> None:
     async with Transport(retries=mirror.retries, timeout=mirror.timeout,
                          concurrency=mirror.concurrency) as transport:
-        records = await channel.read(transport)
-        outcome = await asyncio.to_thread(apply_filters, records, mirror.filters, channel.ecosystem)
+        with result.timed("read"):
+            records = await channel.read(transport)
+        with result.timed("filter"):
+            outcome = await asyncio.to_thread(apply_filters, records, mirror.filters, channel.ecosystem)
         result.upstream, result.kept = len(records), len(outcome.kept)
         if not outcome.kept:
             raise _empty_result(mirror, outcome)
 
-        manifest = Manifest(store, mirror.name).load()
-        todo: list[tuple[Any, str, Path]] = []
-        for record in outcome.kept:
-            relpath = channel.relpath(record)
-            try:
-                path = store.resolve(mirror.name, relpath)
-            except UnsafePath as exc:
-                result.failed[relpath] = str(exc)
-                continue
-            size, sha256, md5 = channel.expected(record)
-            if manifest.trusted(relpath, path, size, sha256, md5):
-                result.reused += 1
-            elif mirror.mode == "active":
-                todo.append((record, relpath, path))
+        with result.timed("check"):
+            manifest = Manifest(store, mirror.name).load()
+            todo = _plan(mirror, store, channel, manifest, outcome.kept, result)
 
         if dry_run:
             result.would_download = [relpath for _, relpath, _ in todo]
@@ -131,27 +136,72 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
             return
 
         if todo:
-            await _fetch_all(mirror, store, channel, transport, manifest, todo, result, progress)
+            with result.timed("fetch"):
+                await _fetch_all(mirror, store, channel, transport, manifest, todo, result, progress)
 
-        publish = [r for r in outcome.kept if channel.relpath(r) not in result.failed]
-        for index_file in channel.render(publish):
-            path = store.resolve(mirror.name, index_file.relpath)
-            if index_file.immutable and path.exists():
-                continue
-            await asyncio.to_thread(store.write_atomic, path, index_file.data)
-            result.index_files += 1
+        with result.timed("publish"):
+            publish = [r for r in outcome.kept if channel.relpath(r) not in result.failed]
+            await asyncio.to_thread(_publish, store, mirror, channel, publish, result)
+            store.write_state(mirror.name, "index-cache.json", channel.state(), indent=False)
 
         if clean:
-            keep = {channel.relpath(r) for r in publish}
-            for relpath in stray_files(store, mirror, channel, keep):
-                store.remove(store.mirror_dir(mirror.name) / relpath)
-                manifest.discard(relpath)
-                result.removed.append(relpath)
-        manifest.save()
-        report = build_report(mirror, outcome, result, channel, started=started, finished=_now())
-        store.write_state(mirror.name, "report.json", report)
-        if outcome.dependencies is not None:
-            store.write_state(mirror.name, "dependencies.json", report["dependencies"])
+            with result.timed("clean"):
+                keep = {channel.relpath(r) for r in publish}
+                for relpath in stray_files(store, mirror, channel, keep):
+                    store.remove(store.mirror_dir(mirror.name) / relpath)
+                    manifest.discard(relpath)
+                    result.removed.append(relpath)
+        with result.timed("record"):
+            manifest.save()
+            report = build_report(mirror, outcome, result, channel, started=started, finished=_now())
+            store.write_state(mirror.name, "report.json", report)
+            if outcome.dependencies is not None:
+                store.write_state(mirror.name, "dependencies.json", report["dependencies"])
+
+
+def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, kept: list[Any],
+          result: RunResult) -> list[tuple[Any, str, Path]]:
+    """The files to fetch: every kept file the manifest cannot vouch for (active mode)."""
+    todo: list[tuple[Any, str, Path]] = []
+    if mirror.mode != "active":
+        return todo  # passive mirrors publish indexes only: no package file to check or fetch
+    for record in kept:
+        relpath = channel.relpath(record)
+        try:
+            path = store.resolve(mirror.name, relpath)
+        except UnsafePath as exc:
+            result.failed[relpath] = str(exc)
+            continue
+        size, sha256, md5 = channel.expected(record)
+        if manifest.trusted(relpath, path, size, sha256, md5):
+            result.reused += 1
+        else:
+            todo.append((record, relpath, path))
+    return todo
+
+
+def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any], result: RunResult) -> None:
+    """Write the index files in the order the channel gives them. Runs of new immutable files
+    (shards) are written as one batch: one filesystem sync for all of them, before anything that
+    names them is published."""
+    batch: list[tuple[Path, bytes]] = []
+    state = store.read_state(mirror.name, "index-cache.json")
+    for index_file in channel.render(publish, store.mirror_dir(mirror.name), state):
+        path = store.resolve(mirror.name, index_file.relpath)
+        if index_file.immutable:
+            batch.append((path, index_file.data))
+            continue
+        if batch:
+            result.index_files += store.write_batch(batch)
+            batch = []
+        if index_file.zst_twin:
+            store.write_with_zst(path, index_file.data.chunks(), index_file.data.size)
+            result.index_files += 2
+        else:
+            store.write_atomic(path, index_file.data)
+            result.index_files += 1
+    if batch:
+        result.index_files += store.write_batch(batch)
 
 
 def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:

@@ -4,6 +4,7 @@ repodata.json — the file clients read first goes last)."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,7 @@ from ..urls import join_url
 from .matchspec import CondaEcosystem
 from .record import CondaRecord
 from .source import ChannelIndex, CondaSource
-from .writer import compress_zst, render_channeldata, render_repodata, render_shards
+from .writer import render_channeldata, render_repodata, render_shards
 
 __all__ = ["CondaChannel", "IndexFile"]
 
@@ -29,9 +30,12 @@ _PACKAGE_RE: Final = re.compile(r"\.(?:conda|tar\.bz2)$")
 @dataclass(frozen=True, slots=True)
 class IndexFile:
     relpath: str
-    data: bytes
+    # bytes, or a document rendered while it is written (``.size`` and ``.chunks()``).
+    data: Any
     # Content-addressed files (shards) never change once written: no need to rewrite them.
     immutable: bool = False
+    # Also publish ``relpath + ".zst"``, compressed from the same bytes, renamed just before it.
+    zst_twin: bool = False
 
 
 class CondaChannel:
@@ -65,7 +69,8 @@ class CondaChannel:
 
     @staticmethod
     def expected(record: CondaRecord) -> tuple[int | None, str | None, str | None]:
-        return record.size, record.sha256, record.md5
+        facts = record.files
+        return facts.size, facts.sha256, facts.md5
 
     @staticmethod
     def is_package_path(relpath: str) -> bool:
@@ -73,32 +78,47 @@ class CondaChannel:
 
     # -- index files -----------------------------------------------------------------------------
 
-    def render(self, kept: Iterable[CondaRecord]) -> Iterator[IndexFile]:
-        """Index files in publication order: shards, shard indexes, .zst, .json, channeldata."""
+    def render(self, kept: Iterable[CondaRecord], mirror_dir: Path | None = None,
+               state: dict[str, Any] | None = None) -> Iterator[IndexFile]:
+        """Index files in publication order: new shards, shard indexes, .zst + .json, channeldata.
+
+        ``mirror_dir`` is where the shards of earlier runs are; ``state`` what :meth:`state`
+        returned after the last run (the shard cache). Only shards not yet on disk are yielded.
+        """
         assert self.index is not None
         by_subdir: dict[str, list[CondaRecord]] = defaultdict(list)
         for record in kept:
             by_subdir[record.channel_subdir].append(record)
         subdirs = sorted(self.index.subdirs)
-        rendered = {}
+        previous = (state or {}).get("shards") or {}
+        shard_sets = {}
         for subdir in subdirs:
-            src = self.index.subdirs[subdir]
-            records = by_subdir.get(subdir, [])
-            repodata = render_repodata(subdir, records, src.info, src.removed)
-            shard_index, shards = render_shards(subdir, records, src.removed)
-            rendered[subdir] = (repodata, shard_index, shards)
+            on_disk: set[str] = set()
+            if mirror_dir is not None and (mirror_dir / subdir / "shards").is_dir():
+                on_disk = {f"shards/{n}" for n in os.listdir(mirror_dir / subdir / "shards")}
+            cache = previous.get(subdir)
+            shard_sets[subdir] = render_shards(subdir, by_subdir.get(subdir, []),
+                                               cache=cache if isinstance(cache, dict) else None,
+                                               on_disk=on_disk)
+        self._state = {"shards": {s: shard_sets[s].cache for s in subdirs}}
+        self.shard_counts = (sum(x.encoded for x in shard_sets.values()),
+                             sum(x.reused for x in shard_sets.values()))
         for subdir in subdirs:
-            for relpath, data in rendered[subdir][2].items():
+            for relpath, data in shard_sets[subdir].new.items():
                 yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
         for subdir in subdirs:
-            yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", rendered[subdir][1])
+            yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", shard_sets[subdir].index)
         for subdir in subdirs:
-            yield IndexFile(f"{subdir}/repodata.json.zst", compress_zst(rendered[subdir][0]))
-        for subdir in subdirs:
-            yield IndexFile(f"{subdir}/repodata.json", rendered[subdir][0])
+            src = self.index.subdirs[subdir]
+            repodata = render_repodata(subdir, by_subdir.get(subdir, []), src.info, src.removed)
+            yield IndexFile(f"{subdir}/repodata.json", repodata, zst_twin=True)
         yield IndexFile("channeldata.json",
                         render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
                                            self.index.channeldata))
+
+    def state(self) -> dict[str, Any]:
+        """What the next run's :meth:`render` wants to know: name -> (content key, shard)."""
+        return getattr(self, "_state", {})
 
     # -- reading back what was published (verify, clean) -----------------------------------------
 

@@ -57,22 +57,23 @@ def conda_version(text: str) -> Version | None:
 
 def _package_record(record: CondaRecord) -> PackageRecord:
     # Built lazily, only for records a spec's name selects, and kept on the record.
-    cached = record.__dict__.get("_rattler")
-    if cached is None:
+    cached = record.rattler
+    if not isinstance(cached, PackageRecord):
         def hexbytes(value: str | None, length: int) -> bytes | None:
             try:
                 return bytes.fromhex(value) if value and len(value) == length else None
             except ValueError:
                 return None
 
+        facts = record.files
         cached = PackageRecord(
             name=record.name, version=record.version, build=BuildString(record.build),
-            build_number=record.build_number, subdir=record.subdir or record.channel_subdir,
+            build_number=record.build_number, subdir=facts.subdir or record.channel_subdir,
             depends=list(record.depends), constrains=list(record.constrains),
-            sha256=hexbytes(record.sha256, 64), md5=hexbytes(record.md5, 32), size=record.size,
+            sha256=hexbytes(facts.sha256, 64), md5=hexbytes(facts.md5, 32), size=facts.size,
             license=record.license, license_family=record.license_family,
         )
-        record.__dict__["_rattler"] = cached
+        record.rattler = cached
     return cached
 
 

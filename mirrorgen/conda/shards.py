@@ -15,7 +15,6 @@ and to what ``rattler_index`` writes.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -36,8 +35,10 @@ __all__ = [
     "ZSTD_LEVEL",
     "decode_shard",
     "decode_shard_index",
+    "compress_shards",
     "encode_shard",
     "encode_shard_index",
+    "pack_shard",
     "shard_digest",
     "shard_relpath",
 ]
@@ -72,7 +73,6 @@ TEXT_DIGEST_FIELDS: Final[Mapping[str, int]] = {"legacy_bz2_md5": 16, "attestati
 # a known suffix (case-sensitive) after a "<name>-<version>-<build>" stem.
 ARCHIVE_SUFFIXES: Final = (".tar.bz2", ".conda", ".whl")
 
-_HEX: Final = re.compile(r"[0-9a-fA-F]+")
 _SHA256_SIZE: Final = 32
 
 
@@ -110,50 +110,81 @@ def _is_archive_filename(filename: str) -> bool:
 
 def _digest(value: object, size: int) -> bytes | None:
     """The digest in a hex string of exactly ``size`` bytes, else None."""
-    if isinstance(value, str) and len(value) == 2 * size and _HEX.fullmatch(value):
-        return bytes.fromhex(value)
-    return None
+    if type(value) is not str or len(value) != 2 * size:
+        return None
+    try:
+        digest = bytes.fromhex(value)
+    except ValueError:
+        return None
+    # fromhex skips spaces between byte pairs: such a string yields fewer bytes, and is refused.
+    return digest if len(digest) == size else None
 
 
-def _pack_record(raw: bytes) -> Any:
-    """Upstream JSON record -> the value stored in the shard.
+_TEXT_DIGEST_ITEMS: Final = tuple(TEXT_DIGEST_FIELDS.items())
+
+
+def _fix_digests(record: dict[str, Any]) -> None:
+    """CEP-16 digests in place: sha256/md5 hex -> bytes; a malformed one is DROPPED.
+
+    Left as-is, rattler fails to parse the shard and with it the whole solve (GatewayError
+    "failed to parse digest"); without it only this record loses one checksum. Both readers
+    accept an absent or null digest. This runs for every record of every changed name, so it
+    is written out field by field.
+    """
+    value = record.get("sha256")
+    if value is not None:
+        digest = _digest(value, 32)
+        if digest is None:
+            del record["sha256"]
+        else:
+            record["sha256"] = digest
+    value = record.get("md5")
+    if value is not None:
+        digest = _digest(value, 16)
+        if digest is None:
+            del record["md5"]
+        else:
+            record["md5"] = digest
+    for field, size in _TEXT_DIGEST_ITEMS:  # these stay hex strings, but only well-formed ones
+        value = record.get(field)
+        if value is not None and _digest(value, size) is None:
+            del record[field]
+
+
+def _records(records: Mapping[str, Any]) -> dict[str, Any]:
+    """filename -> raw JSON record (bytes or any buffer) -> the shard's map, sorted by filename.
 
     Every key other than the digests is kept exactly as upstream sent it,
     unknown keys included (CEP-16: "Implementers SHOULD ignore unknown keys").
+    The records are joined into one JSON object and decoded in one call:
+    a call per record would cost more than the decoding itself.
     """
-    record = orjson.loads(raw)
-    if not isinstance(record, dict):
-        return record  # not a record at all; mirror it as upstream served it
-    for field, size in (*BINARY_DIGEST_FIELDS.items(), *TEXT_DIGEST_FIELDS.items()):
-        value = record.get(field)
-        if value is None:
-            continue  # absent or null: both readers accept nil
-        digest = _digest(value, size)
-        if digest is None:
-            # Malformed digest (not hex, wrong length, not a str): DROP the
-            # key. Left as-is, rattler fails to parse the shard and with it
-            # the whole solve (GatewayError "failed to parse digest"); without
-            # it only this record loses one checksum.
-            del record[field]
-        elif field in BINARY_DIGEST_FIELDS:
-            record[field] = digest
-    return record
+    names = [fn for fn in sorted(records) if _is_archive_filename(fn)]
+    if not names:
+        return {}
+    parts: list[Any] = []
+    for fn in names:
+        parts += (b",", orjson.dumps(fn), b":", records[fn])
+    parts[0] = b"{"
+    parts.append(b"}")
+    decoded: dict[str, Any] = orjson.loads(b"".join(parts))
+    for record in decoded.values():
+        if type(record) is dict:  # else: not a record at all; mirror it as upstream served it
+            _fix_digests(record)
+    return decoded
 
 
-def _records(records: Mapping[str, bytes]) -> dict[str, Any]:
-    return {fn: _pack_record(records[fn]) for fn in sorted(records) if _is_archive_filename(fn)}
-
-
-def encode_shard(
-    packages: Mapping[str, bytes],
-    packages_conda: Mapping[str, bytes],
+def pack_shard(
+    packages: Mapping[str, Any],
+    packages_conda: Mapping[str, Any],
     removed: Sequence[str] = (),
 ) -> bytes:
-    """One package name's records -> zstd-compressed msgpack shard (the file content).
+    """One package name's records -> the shard's msgpack bytes, before compression.
 
     ``packages`` / ``packages_conda`` map filename -> the record's raw JSON
-    bytes as upstream served them. The output is deterministic (filenames and
-    ``removed`` sorted) so an unchanged package keeps its shard name.
+    as upstream served it (bytes or a buffer such as msgspec.Raw). The output
+    is deterministic (filenames and ``removed`` sorted) so an unchanged package
+    keeps its shard name.
     """
     # A filename rattler cannot parse, as a key or in "removed", makes it
     # reject the shard and so fail the whole solve: such entries are dropped.
@@ -166,7 +197,25 @@ def encode_shard(
         # CEP-16: "list of strings of keys (filenames) that were removed".
         "removed": sorted({fn for fn in removed if _is_archive_filename(fn)}),
     }
-    return _compress(_pack(shard))
+    return _pack(shard)
+
+
+def encode_shard(
+    packages: Mapping[str, Any],
+    packages_conda: Mapping[str, Any],
+    removed: Sequence[str] = (),
+) -> bytes:
+    """One package name's records -> zstd-compressed msgpack shard (the file content)."""
+    return _compress(pack_shard(packages, packages_conda, removed))
+
+
+def compress_shards(packed: Sequence[bytes]) -> list[bytes]:
+    """Many packed shards -> their files, byte for byte what :func:`encode_shard` makes, but
+    compressed on every core by zstd's own threads, outside the GIL."""
+    if not packed:
+        return []
+    out = zstandard.ZstdCompressor(level=ZSTD_LEVEL).multi_compress_to_buffer(list(packed), threads=-1)
+    return [out[i].tobytes() for i in range(len(out))]
 
 
 def shard_digest(shard: bytes) -> bytes:

@@ -23,7 +23,7 @@ from ..errors import RepodataError, UpstreamError
 from ..platforms import KNOWN_SUBDIRS
 from ..transport import Transport, local_path
 from ..urls import join_url, redact
-from .record import CondaRecord, RepodataDocument
+from .record import CondaRecord, RepodataDocument, RepodataRecords
 
 __all__ = ["CondaSource", "SubdirIndex", "ChannelIndex"]
 
@@ -36,6 +36,7 @@ _MAX_INDEX: Final = 4 << 30
 
 _RECORD_DECODER: Final = msgspec.json.Decoder(CondaRecord)
 _DOCUMENT_DECODER: Final = msgspec.json.Decoder(RepodataDocument)
+_RECORDS_DECODER: Final = msgspec.json.Decoder(RepodataRecords)
 
 
 @dataclass
@@ -149,29 +150,48 @@ def _decompress(body: bytes, kind: str, url: str) -> bytes:
 
 
 def parse_repodata(data: bytes, subdir: str, source: int, url: str) -> SubdirIndex:
-    """Parse one repodata.json; records stay raw, with only the fields filters read decoded."""
+    """Parse one repodata.json; records stay raw, with only the fields filters read decoded.
+
+    Two passes over the bytes, both in msgspec's C code: one keeps every record as a raw slice of
+    ``data``, the other decodes every record's few typed fields. Only when that second pass meets a
+    malformed record does the slow path decode record by record, to reject just that one.
+    """
     try:
         doc = _DOCUMENT_DECODER.decode(data)
     except msgspec.DecodeError as exc:
         raise RepodataError(url, str(exc)) from None
+    try:
+        typed: RepodataRecords | None = _RECORDS_DECODER.decode(data)
+    except msgspec.DecodeError:
+        typed = None
     index = SubdirIndex(subdir, fetched_from=[url])
     info = doc.info if doc.info is not None else (doc.metadata or {})
     index.info = info
     index.removed = [r for r in doc.removed if isinstance(r, str) and _FILENAME_RE.match(r)]
-    for is_conda, packages in ((False, doc.packages), (True, doc.packages_conda)):
+    records, rejected, match = index.records, index.rejected, _FILENAME_RE.match
+    lists_look_right = CondaRecord.lists_look_right
+    prefix = f"{subdir}/"
+    for is_conda, packages, decoded in (
+            (False, doc.packages, typed.packages if typed else None),
+            (True, doc.packages_conda, typed.packages_conda if typed else None)):
         for fn, raw in packages.items():
-            key = f"{subdir}/{fn}"
-            if not _FILENAME_RE.match(fn) or len(fn) > 255:
-                index.rejected[key[:300]] = "unsafe or unexpected file name"
+            if len(fn) > 255 or not match(fn):
+                rejected[(prefix + fn)[:300]] = "unsafe or unexpected file name"
                 continue
-            try:
-                record = _RECORD_DECODER.decode(raw)
-            except msgspec.DecodeError as exc:
-                index.rejected[key] = f"malformed record: {exc}"
+            if decoded is not None:
+                record = decoded[fn]
+            else:
+                try:
+                    record = _RECORD_DECODER.decode(raw)
+                except msgspec.DecodeError as exc:
+                    rejected[prefix + fn] = f"malformed record: {exc}"
+                    continue
+            if not lists_look_right(record):
+                rejected[prefix + fn] = "malformed record: depends/constrains is not a list"
                 continue
-            record.fn, record.raw, record.channel_subdir = fn, raw, subdir
-            record.is_conda, record.source = is_conda, source
-            index.records.append(record)
+            record.fn, record.key, record.raw = fn, prefix + fn, raw
+            record.channel_subdir, record.is_conda, record.source = subdir, is_conda, source
+            records.append(record)
     return index
 
 

@@ -8,8 +8,9 @@ its repodata.json, so we write repodata_version 1 with no base_url.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -18,9 +19,10 @@ import orjson
 import zstandard
 
 from .record import CondaRecord
-from .shards import encode_shard, encode_shard_index, shard_digest, shard_relpath
+from .shards import compress_shards, encode_shard_index, pack_shard, shard_digest, shard_relpath
 
-__all__ = ["RepodataFiles", "render_repodata", "render_channeldata", "compress_zst", "render_shards"]
+__all__ = ["Repodata", "ShardSet", "render_repodata", "render_channeldata", "compress_zst",
+           "render_shards"]
 
 ZSTD_LEVEL: Final = 3  # what conda-index and the naive baseline use; fast and ~10x smaller
 # base_url would point clients back upstream; repodata_version is ours to set (top level, 1).
@@ -29,33 +31,55 @@ _ENCODER: Final = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
-class RepodataFiles:
-    """Everything one subdir publishes: relpath (inside the subdir) -> bytes."""
+class Repodata:
+    """One subdir's repodata.json, not yet rendered: ``chunks()`` yields its bytes in pieces
+    (never the whole 200 MB document at once) and ``size`` is their exact total, known up front
+    so the .zst frame written while streaming records the content size, as clients expect."""
 
-    repodata: bytes
-    repodata_zst: bytes
-    shard_index: bytes | None
-    shards: dict[str, bytes]
+    head: bytes
+    tar: list[CondaRecord]
+    conda: list[CondaRecord]
+    tail: bytes
+    size: int
+
+    def chunks(self, per_chunk: int = 4096) -> Iterator[bytes]:
+        yield self.head
+        for n, records in enumerate((self.tar, self.conda)):
+            if n:
+                yield b'},"packages.conda":{'
+            for start in range(0, len(records), per_chunk):
+                # File names are validated by the source ([A-Za-z0-9_.+!~-] only), so quoting
+                # them needs no JSON escaping; raw records are buffers, joined without a copy.
+                parts: list[Any] = []
+                for record in records[start:start + per_chunk]:
+                    parts += (b',"' if parts or start else b'"', record.fn.encode(), b'":', record.raw)
+                yield b"".join(parts)
+        yield self.tail
+
+    def render(self) -> bytes:
+        return b"".join(self.chunks())
 
 
 def render_repodata(subdir: str, records: Iterable[CondaRecord], info: dict[str, msgspec.Raw],
-                    removed: Sequence[str]) -> bytes:
+                    removed: Sequence[str]) -> Repodata:
     out_info: dict[str, Any] = {k: v for k, v in info.items() if k not in _DROPPED_INFO_KEYS}
     out_info["subdir"] = subdir
     tar, conda = [], []
-    published = set()
-    for record in sorted(records, key=lambda r: r.fn):
-        published.add(record.fn)
+    for record in sorted(records, key=_by_fn):
         (conda if record.is_conda else tar).append(record)
-    parts = [b'{"info":', _ENCODER.encode(out_info), b',"packages":{']
-    parts.append(b",".join(orjson.dumps(r.fn) + b":" + bytes(r.raw) for r in tar))
-    parts.append(b'},"packages.conda":{')
-    parts.append(b",".join(orjson.dumps(r.fn) + b":" + bytes(r.raw) for r in conda))
-    parts.append(b'},"removed":')
+    published = {r.fn for r in tar} | {r.fn for r in conda}
+    head = b'{"info":' + _ENCODER.encode(out_info) + b',"packages":{'
     # A file listed in `removed` is hidden by clients: never list one we publish.
-    parts.append(orjson.dumps(sorted(set(removed) - published)))
-    parts.append(b',"repodata_version":1}')
-    return b"".join(parts)
+    tail = b'},"removed":' + orjson.dumps(sorted(set(removed) - published)) + b',"repodata_version":1}'
+    size = len(head) + len(tail) + len(b'},"packages.conda":{')
+    for group in (tar, conda):
+        # '"' fn '":' raw, and a comma between records
+        size += sum(len(r.fn) + len(r.raw) for r in group) + 4 * len(group) - (1 if group else 0)
+    return Repodata(head, tar, conda, tail, size)
+
+
+def _by_fn(record: CondaRecord) -> str:
+    return record.fn
 
 
 def compress_zst(data: bytes) -> bytes:
@@ -63,22 +87,76 @@ def compress_zst(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).compress(data)
 
 
-def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence[str]
-                  ) -> tuple[bytes, dict[str, bytes]]:
-    """CEP-16: one shard per package name, and the index naming each shard by its hash."""
-    by_name: dict[str, tuple[dict[str, bytes], dict[str, bytes]]] = defaultdict(lambda: ({}, {}))
+# Part of every shard's content key: change it when encode_shard's output changes, and every
+# shard is encoded afresh on the next run.
+SHARD_ENCODING: Final = b"mirrorgen-cep16-v1"
+_COMPRESS_BATCH: Final = 2048  # packed shards handed to zstd's threads at once
+
+
+@dataclass
+class ShardSet:
+    """One subdir's CEP-16 shards: the index, the shards not yet on disk, and the cache of
+    name -> (content key, shard digest) that lets the next run skip every unchanged name."""
+
+    index: bytes
+    new: dict[str, bytes]                  # relpath inside the subdir -> shard bytes
+    cache: dict[str, tuple[str, str]]      # name -> (content key hex, digest hex)
+    encoded: int = 0
+    reused: int = 0
+
+
+def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence[str] = (), *,
+                  cache: Mapping[str, Sequence[str]] | None = None,
+                  on_disk: Container[str] = frozenset()) -> ShardSet:
+    """CEP-16: one shard per package name, and the index naming each shard by its hash.
+
+    Encoding a shard means decoding each record to turn its hex digests into bytes, the one
+    costly step in the whole index build. A name whose records are byte-for-byte what they were
+    last run (its content key: a hash over each record's file name and raw JSON) keeps last
+    run's shard, provided that file is still ``on_disk``; only changed names are encoded again.
+    """
+    groups: dict[str, list[CondaRecord]] = defaultdict(list)
     for record in records:
-        tar, conda = by_name[record.name]
-        (conda if record.is_conda else tar)[record.fn] = bytes(record.raw)
-    files: dict[str, bytes] = {}
+        groups[record.name].append(record)
+    cache = cache or {}
+    out = ShardSet(b"", {}, {})
     digests: dict[str, bytes] = {}
-    for name in sorted(by_name):
-        tar, conda = by_name[name]
-        shard = encode_shard(tar, conda)
-        digest = shard_digest(shard)
-        digests[name] = digest
-        files[shard_relpath(digest)] = shard
-    return encode_shard_index(subdir, digests), files
+    todo: list[tuple[str, str, bytes]] = []   # (name, content key, packed shard)
+
+    def compress_todo() -> None:
+        for (name, key, _), shard in zip(todo, compress_shards([p for _, _, p in todo])):
+            digest = shard_digest(shard)
+            digests[name] = digest
+            out.new[shard_relpath(digest)] = shard
+            out.cache[name] = (key, digest.hex())
+        out.encoded += len(todo)
+        todo.clear()
+
+    for name in sorted(groups):
+        group = sorted(groups[name], key=_by_fn)
+        parts: list[Any] = [SHARD_ENCODING]
+        for record in group:
+            parts += (b"c" if record.is_conda else b"t", record.fn.encode(), record.raw)
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()
+        hit = cache.get(name)
+        if hit is not None and len(hit) == 2 and hit[0] == key and _is_sha256_hex(hit[1]) \
+                and shard_relpath(bytes.fromhex(hit[1])) in on_disk:
+            digests[name] = bytes.fromhex(hit[1])
+            out.cache[name] = (key, hit[1])
+            out.reused += 1
+            continue
+        packed = pack_shard({r.fn: r.raw for r in group if not r.is_conda},
+                            {r.fn: r.raw for r in group if r.is_conda})
+        todo.append((name, key, packed))
+        if len(todo) >= _COMPRESS_BATCH:
+            compress_todo()
+    compress_todo()
+    out.index = encode_shard_index(subdir, {name: digests[name] for name in sorted(digests)})
+    return out
+
+
+def _is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def render_channeldata(subdirs: Sequence[str], kept: Iterable[CondaRecord],

@@ -1,0 +1,195 @@
+"""Benchmark 4: active download throughput from a loopback upstream, against parallel curl.
+
+A conda channel of ``files`` package files whose sizes are log-uniform in ``size_range`` (many
+small files, a few large ones carrying most of the bytes), served by a real nginx on loopback.
+
+- Baseline: one ``curl --parallel --parallel-max N`` fetching the same URLs, with N the
+  concurrency mirrorgen uses by default. curl verifies nothing and fsyncs nothing: that is the
+  point of the baseline. For context a second row adds a ``sync`` after it (curl's bytes on disk,
+  as mirrorgen's are when it exits: it fsyncs every file before publishing it).
+- mirrorgen: ``mirrorgen sync`` of an active mirror into an empty root, which checks every file's
+  size and sha256 against the index before publishing it; the run must download every file with
+  none failed.
+
+Both write under ``work`` (the same filesystem); the upstream files are read once beforehand so
+the page cache holds them for both, and dirty pages of the previous run are flushed (``sync``)
+before each timed run. Throughput is the channel's package bytes over the run's wall time.
+
+Goal: mirrorgen >= 0.7x curl's throughput, every file verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import synth
+from .common import Measured, Mirrorgen, Table, measure, mib, serve_nginx, write_config
+
+SUBDIRS = ("linux-64", "noarch")
+
+
+def default_concurrency() -> int:
+    """``concurrency`` when a mirror does not set it (MirrorConfig's default)."""
+    from mirrorgen.config import MirrorConfig
+
+    return next(f.default for f in dataclasses.fields(MirrorConfig) if f.name == "concurrency")
+
+
+def upstream(work: Path, files: int, size_range: tuple[int, int]) -> Path:
+    """A channel of ``files`` package files, sizes log-uniform in ``size_range``, cached in ``work``."""
+    lo, hi = size_range
+    root = work / f"conda-sized-{files}-{lo}-{hi}"
+    done = root / ".complete"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        synth.generate_conda(root, files, files=True, subdirs=SUBDIRS, size_range=size_range)
+        done.write_text("")
+    return root
+
+
+def packages(up: Path) -> dict[str, int]:
+    """``subdir/fn`` -> size of every package file upstream lists."""
+    out: dict[str, int] = {}
+    for subdir in SUBDIRS:
+        doc = orjson.loads((up / subdir / "repodata.json").read_bytes())
+        for key in ("packages", "packages.conda"):
+            out.update({f"{subdir}/{fn}": rec["size"] for fn, rec in (doc.get(key) or {}).items()})
+    return out
+
+
+def _warm(up: Path, relpaths: list[str]) -> None:
+    """Read every upstream file once, so nginx serves all of them from the page cache."""
+    for relpath in relpaths:
+        with open(up / relpath, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+def _fresh(path: Path) -> None:
+    """Remove a previous run's output and flush every dirty page, so no run pays for another's
+    writeback."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def _curl_config(path: Path, base: str, out: Path, relpaths: list[str]) -> Path:
+    lines = []
+    for relpath in relpaths:
+        lines.append(f'url = "{base}/{relpath}"')
+        lines.append(f'output = "{out / relpath}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _on_disk(root: Path, want: dict[str, int]) -> int:
+    """How many of ``want`` exist under ``root`` with the right size (curl checks nothing)."""
+    ok = 0
+    for relpath, size in want.items():
+        try:
+            ok += (root / relpath).stat().st_size == size
+        except FileNotFoundError:
+            pass
+    return ok
+
+
+def _result(m: Measured) -> dict[str, Any]:
+    try:
+        return (orjson.loads(m.stdout).get("mirrors") or [{}])[0]
+    except (orjson.JSONDecodeError, AttributeError, IndexError):
+        return {}
+
+
+def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
+        size_range: tuple[int, int] = (10 << 10, 4 << 20), repeat: int = 3) -> Table:
+    work.mkdir(parents=True, exist_ok=True)
+    up = upstream(work, files, size_range)
+    want = packages(up)
+    relpaths = sorted(want)
+    total = sum(want.values())
+    n = default_concurrency()
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("curl not found")
+    curl_version = subprocess.run([curl, "--version"], capture_output=True, text=True).stdout.split()[1]
+    lo, hi = size_range
+    table = Table(f"4. active download: {len(want):,} files, {total / 1e6:,.0f} MB "
+                  f"(log-uniform {lo >> 10} KiB-{hi >> 20} MiB), loopback nginx, "
+                  f"concurrency {n}, vs curl {curl_version} --parallel")
+    _warm(up, relpaths)
+
+    curl_out, curl_best, sync_best = work / "curl-out", None, None
+    best: dict[str, tuple[Measured, dict[str, Any]]] = {}
+    with serve_nginx(up, work / "nginx-download") as server:
+        cfg = _curl_config(work / "curl-urls.txt", server.base_url, curl_out, relpaths)
+        for _ in range(max(1, repeat)):
+            _fresh(curl_out)
+            c = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs",
+                         "--parallel", "--parallel-max", str(n), "--config", str(cfg)])
+            s = measure(["sync"])
+            got = _on_disk(curl_out, want)
+            if got != len(want):
+                raise SystemExit(f"curl wrote {got} of {len(want)} files")
+            if curl_best is None or c.wall < curl_best.wall:
+                curl_best = c
+            if sync_best is None or c.wall + s.wall < sync_best[0].wall + sync_best[1].wall:
+                sync_best = (c, s)
+
+            for build in builds:
+                root = work / "mirror-download"
+                _fresh(root)
+                mcfg = write_config(work / "download.yaml", root, {"bench": {
+                    "type": "conda", "mode": "active", "source": server.base_url,
+                    "subdirs": list(SUBDIRS)}})
+                m = build.run("sync", "-c", str(mcfg), "--json")
+                res = _result(m)
+                if res and (res.get("failed") or res.get("downloaded") != len(want)
+                            or res.get("bytes_downloaded") != total):
+                    raise SystemExit(f"{build.label}: downloaded {res.get('downloaded')} of {len(want)} "
+                                     f"files ({res.get('bytes_downloaded')} of {total} bytes), "
+                                     f"failed {len(res.get('failed') or {})}")
+                if not res and _on_disk(root / "bench", want) != len(want):
+                    raise SystemExit(f"{build.label}: not every file was mirrored")
+                if build.label not in best or m.wall < best[build.label][0].wall:
+                    best[build.label] = (m, res)
+        shutil.rmtree(curl_out, ignore_errors=True)
+
+    assert curl_best is not None and sync_best is not None
+    base_mbs = total / 1e6 / curl_best.wall
+    table.add(run=f"curl --parallel-max {n} (no verification)", wall_s=curl_best.wall,
+              mb_s=base_mbs, x_curl=1.0, rss_mib=mib(curl_best.rss), files=len(want), verified=0)
+    cs_wall = sync_best[0].wall + sync_best[1].wall
+    table.add(run="curl, then sync (for context)", wall_s=cs_wall, mb_s=total / 1e6 / cs_wall,
+              x_curl=total / 1e6 / cs_wall / base_mbs, rss_mib=mib(sync_best[0].rss), files=len(want),
+              verified=0)
+    for build in builds:
+        m, res = best[build.label]
+        mbs = total / 1e6 / m.wall
+        table.add(run=f"mirrorgen {build.label}, active sync", wall_s=m.wall, mb_s=mbs,
+                  x_curl=mbs / base_mbs, rss_mib=mib(m.rss), files=res.get("downloaded", ""),
+                  verified=res.get("downloaded", "") if res else "")
+    return table
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from .common import builds as _builds
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_download")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--files", type=int, default=1500)
+    parser.add_argument("--min-size", type=int, default=10 << 10)
+    parser.add_argument("--max-size", type=int, default=4 << 20)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--before", default=None)
+    args = parser.parse_args()
+    with _builds(args.before) as bs:
+        print(run(args.work, bs, files=args.files, size_range=(args.min_size, args.max_size),
+                  repeat=args.repeat).render())
