@@ -18,11 +18,11 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
+import msgspec
 import orjson
 import zstandard
 
@@ -37,12 +37,22 @@ _MAX_PART: Final = 255
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f]")
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One verified file; stored as ``[size, sha256, md5, mtime_ns]`` in manifest.json."""
+
     size: int
     sha256: str | None
     md5: str | None
     mtime_ns: int
+
+
+class _ManifestFile(msgspec.Struct):
+    version: int = 1
+    files: dict[str, Entry] = {}
+
+
+_MANIFEST_DECODER: Final = msgspec.json.Decoder(_ManifestFile)
+_MANIFEST_ENCODER: Final = msgspec.json.Encoder()
 
 
 def hash_file(path: Path, *, md5: bool = True) -> tuple[str, str | None]:
@@ -72,11 +82,12 @@ class Store:
         return base / mirror if mirror else base
 
     def resolve(self, mirror: str, relpath: str) -> Path:
-        """The absolute path of ``relpath`` inside the mirror; UnsafePath for anything else.
+        """The absolute path of ``relpath`` inside the mirror; UnsafePath for anything else."""
+        return Path(self.resolve_str(mirror, relpath))
 
-        Called once per package file on every run (100,000s), so the checks are a few string
-        operations and one regex, and the path is built from a string, not joined part by part.
-        """
+    def resolve_str(self, mirror: str, relpath: str) -> str:
+        """:meth:`resolve`, as a string: called once per package file on every run (100,000s),
+        so the checks are a few string operations and one regex, and no Path is built."""
         if not relpath or len(relpath) > _MAX_PATH:
             raise UnsafePath(relpath[:80], "empty or too long")
         if "\\" in relpath or relpath.startswith("/") or ":" in relpath.split("/", 1)[0]:
@@ -88,7 +99,7 @@ class Store:
                 raise UnsafePath(relpath, f"bad path component {part!r}")
             if part.startswith(TEMP_PREFIX) or part == STATE_DIR:
                 raise UnsafePath(relpath, "reserved name")
-        return Path(f"{self.root}/{mirror}/{relpath}")
+        return f"{self.root}/{mirror}/{relpath}"
 
     # -- atomic writes ---------------------------------------------------------------------------
 
@@ -150,13 +161,15 @@ class Store:
         fsynced once. The guarantee of :meth:`write_atomic`, at the cost of one sync instead of two
         per file (a cold conda-forge subdir has 30,000 shards)."""
         temps: list[tuple[str, Path]] = []
-        made: set[Path] = set()
+        parents: set[Path] = set()
+        renamed = 0
         try:
             for final, data in items:
-                if final.parent not in made:
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    made.add(final.parent)
-                tmp = f"{final.parent}/" + f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
+                parent = final.parent
+                if parent not in parents:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    parents.add(parent)
+                tmp = f"{parent}/" + f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 temps.append((tmp, final))
                 try:
@@ -170,11 +183,12 @@ class Store:
             _sync_filesystem(temps[0][1].parent)
             for tmp, final in temps:
                 os.replace(tmp, final)
-            for parent in made:
+                renamed += 1
+            for parent in parents:
                 _fsync_dir(parent)
             return len(temps)
         finally:
-            for tmp, _ in temps:
+            for tmp, _ in temps[renamed:]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
 
@@ -201,6 +215,39 @@ class Store:
         base = self.mirror_dir(mirror)
         if base.is_dir():
             yield from base.rglob(f"{TEMP_PREFIX}*")
+
+    # -- group commit (downloads) ----------------------------------------------------------------
+
+    def open_temp(self, final: Path) -> tuple[Path, int]:
+        """A new temporary file next to ``final`` (named as :meth:`temp_file` names it), as a raw
+        file descriptor for writes from a worker thread. The caller closes it, then either hands
+        the name to :meth:`publish_temps` or unlinks it."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def publish_temps(self, items: Sequence[tuple[Path | None, Path]]) -> None:
+        """Group commit of closed temporary files (``(tmp, final)`` pairs): one filesystem sync
+        makes every one of them durable, then each is renamed to its final name, then each
+        directory touched is fsynced once. Only when this returns is a file both complete and
+        durable under its final name; a process killed before leaves it under its temporary name.
+
+        ``tmp`` None: a file already under its final name (found on disk, re-hashed): it gets
+        the same sync and directory fsync, so whatever is recorded afterwards is durable too.
+        Several filesystems (a subdirectory mounted elsewhere) get one sync each."""
+        if not items:
+            return
+        parents = {final.parent for _, final in items}
+        devices: dict[int, Path] = {}
+        for parent in parents:
+            devices.setdefault(os.stat(parent).st_dev, parent)
+        for parent in devices.values():
+            _sync_filesystem(parent)
+        for tmp, final in items:
+            if tmp is not None:
+                os.replace(tmp, final)
+        for parent in parents:
+            _fsync_dir(parent)
 
     # -- locking ---------------------------------------------------------------------------------
 
@@ -262,25 +309,34 @@ class Manifest:
         self.dir = store.state_dir(mirror)
         self.entries: dict[str, Entry] = {}
         self._journal: IO[bytes] | None = None
+        self._dirty = False  # anything added or removed since manifest.json was written
 
     def load(self) -> Manifest:
-        base = self.store.read_state(self.mirror, "manifest.json") or {}
-        for path, e in (base.get("files") or {}).items():
-            self.entries[path] = Entry(*e)
+        # One msgspec call decodes 100,000s of entries straight into Entry structs.
+        try:
+            self.entries = _MANIFEST_DECODER.decode((self.dir / "manifest.json").read_bytes()).files
+        except FileNotFoundError:
+            self.entries = {}
+        except msgspec.DecodeError:
+            self.entries = {}  # unreadable: every file is hashed again, none is trusted blindly
+            self._dirty = True
         journal = self.dir / "manifest.journal"
         if journal.exists():
             for line in journal.read_bytes().splitlines():
                 try:
                     op, path, *rest = orjson.loads(line)
-                except (orjson.JSONDecodeError, ValueError):
+                    entry = Entry(*rest) if op == "+" else None
+                except (orjson.JSONDecodeError, ValueError, TypeError):
                     continue  # a line cut short by a crash: that file is simply checked again
-                if op == "+":
-                    self.entries[path] = Entry(*rest)
+                if entry is not None:
+                    self.entries[path] = entry
                 else:
                     self.entries.pop(path, None)
+                self._dirty = True
         return self
 
-    def trusted(self, relpath: str, path: Path, size: int | None, sha256: str | None, md5: str | None) -> bool:
+    def trusted(self, relpath: str, path: str | Path, size: int | None, sha256: str | None,
+                md5: str | None) -> bool:
         """True if the file on disk is the one we verified, and matches what the index says now."""
         entry = self.entries.get(relpath)
         if entry is None:
@@ -292,17 +348,19 @@ class Manifest:
         if size is not None and size != entry.size:
             return False
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return False
         return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
 
     def add(self, relpath: str, entry: Entry) -> None:
         self.entries[relpath] = entry
+        self._dirty = True
         self._append(["+", relpath, entry.size, entry.sha256, entry.md5, entry.mtime_ns])
 
     def discard(self, relpath: str) -> None:
         if self.entries.pop(relpath, None) is not None:
+            self._dirty = True
             self._append(["-", relpath])
 
     def _append(self, item: list[Any]) -> None:
@@ -314,14 +372,18 @@ class Manifest:
         self._journal.flush()
 
     def save(self) -> None:
-        """Fold the journal into manifest.json (atomically), then empty the journal."""
-        files = {p: [e.size, e.sha256, e.md5, e.mtime_ns] for p, e in sorted(self.entries.items())}
-        self.store.write_state(self.mirror, "manifest.json", {"version": 1, "files": files})
+        """Fold the journal into manifest.json (atomically), then empty the journal. A run that
+        verified nothing new leaves both as they are."""
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        if not self._dirty:
+            return
+        doc = _ManifestFile(files=dict(sorted(self.entries.items())))
+        self.store.write_atomic(self.dir / "manifest.json", _MANIFEST_ENCODER.encode(doc))
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "manifest.journal").unlink()
+        self._dirty = False
 
     def close(self) -> None:
         if self._journal is not None:

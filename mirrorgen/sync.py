@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
 from .store import Entry, Manifest, Store, hash_file
-from .transport import Transport
+from .transport import GroupCommit, Staged, Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
 
@@ -95,6 +96,8 @@ async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry
             if not dry_run:
                 _status(store, mirror, "failed", started, result, str(exc))
             raise
+        finally:
+            gc.unfreeze()  # the run's records are garbage now; let the collector see all again
         if not dry_run:
             result.state = "failed" if result.failed else "completed"
             _status(store, mirror, result.state, started, result, None)
@@ -118,6 +121,9 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
             records = await channel.read(transport)
         with result.timed("filter"):
             outcome = await asyncio.to_thread(apply_filters, records, mirror.filters, channel.ecosystem)
+        # Hundreds of thousands of records, their lists and dicts, all alive until the run ends:
+        # out of the cyclic collector's sight from here on, or every collection walks them again.
+        gc.freeze()
         result.upstream, result.kept = len(records), len(outcome.kept)
         if not outcome.kept:
             raise _empty_result(mirror, outcome)
@@ -142,7 +148,8 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
         with result.timed("publish"):
             publish = [r for r in outcome.kept if channel.relpath(r) not in result.failed]
             await asyncio.to_thread(_publish, store, mirror, channel, publish, result)
-            store.write_state(mirror.name, "index-cache.json", channel.state(), indent=False)
+            store.write_state(mirror.name, "index-cache.json", channel.state(store.mirror_dir(mirror.name)),
+                              indent=False)
 
         if clean:
             with result.timed("clean"):
@@ -168,7 +175,7 @@ def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, 
     for record in kept:
         relpath = channel.relpath(record)
         try:
-            path = store.resolve(mirror.name, relpath)
+            path = store.resolve_str(mirror.name, relpath)
         except UnsafePath as exc:
             result.failed[relpath] = str(exc)
             continue
@@ -176,7 +183,7 @@ def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, 
         if manifest.trusted(relpath, path, size, sha256, md5):
             result.reused += 1
         else:
-            todo.append((record, relpath, path))
+            todo.append((record, relpath, Path(path)))
     return todo
 
 
@@ -219,12 +226,24 @@ def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
 async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport: Transport,
                      manifest: Manifest, todo: list[tuple[Any, str, Path]], result: RunResult,
                      progress: Progress) -> None:
+    """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
+    waits under its temporary name until a batch of them is made durable by one filesystem sync
+    and renamed; only then is it recorded in the manifest (see :class:`GroupCommit`)."""
     queue: asyncio.Queue[tuple[Any, str, Path]] = asyncio.Queue()
     for item in todo:
         queue.put_nowait(item)
     progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
 
-    async def worker() -> None:
+    def published(batch: list[tuple[Any, Staged]]) -> None:
+        for (relpath, rehashed), staged in batch:
+            manifest.add(relpath, staged.entry)
+            if rehashed:
+                result.rehashed += 1
+            else:
+                result.downloaded += 1
+                result.bytes_downloaded += staged.bytes_downloaded
+
+    async def worker(commits: GroupCommit) -> None:
         while True:
             try:
                 record, relpath, path = queue.get_nowait()
@@ -241,11 +260,10 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
                     # hash it instead of fetching it again.
                     entry = await asyncio.to_thread(_hash_existing, path, size, sha256, md5)
                     if entry is not None:
-                        manifest.add(relpath, entry)
-                        result.rehashed += 1
+                        commits.add((relpath, True), Staged(None, path, entry, 0))
                         progress.advance(entry.size)
                         continue
-                verified = await transport.download(
+                staged = await transport.fetch(
                     channel.file_url(record), path, store, size=size, sha256=sha256, md5=md5,
                     verify=mirror.verify_checksums)
             except MirrorError as exc:
@@ -253,13 +271,12 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
                 progress.log(f"{mirror.name}: failed: {relpath}: {exc}")
                 progress.advance(0)
                 continue
-            manifest.add(relpath, verified.entry)
-            result.downloaded += 1
-            result.bytes_downloaded += verified.bytes_downloaded
-            progress.advance(verified.bytes_downloaded)
+            commits.add((relpath, False), staged)
+            progress.advance(staged.bytes_downloaded)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(min(mirror.concurrency, len(todo)))))
+        async with GroupCommit(store, published) as commits:
+            await asyncio.gather(*(worker(commits) for _ in range(min(mirror.concurrency, len(todo)))))
     finally:
         progress.close()
 

@@ -4,6 +4,7 @@ repodata.json — the file clients read first goes last)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections import defaultdict
@@ -36,6 +37,35 @@ class IndexFile:
     immutable: bool = False
     # Also publish ``relpath + ".zst"``, compressed from the same bytes, renamed just before it.
     zst_twin: bool = False
+
+
+# Part of every fingerprint: change it when the writer's output changes for the same input.
+WRITER_VERSION: Final = b"mirrorgen-conda-writer-1"
+# What a subdir ("" is the channel's top) publishes besides shards.
+_PUBLISHED_NAMES: Final = {True: ("repodata_shards.msgpack.zst", "repodata.json.zst", "repodata.json"),
+                           False: ("channeldata.json",)}
+
+
+def _fingerprint(*parts: bytes) -> str:
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()
+
+
+def _still_published(mirror_dir: Path | None, subdir: str, fingerprint: str, last: Any) -> bool:
+    """Whether last run published exactly this (same fingerprint) and its files are untouched."""
+    if mirror_dir is None or not isinstance(last, dict) or last.get("fingerprint") != fingerprint:
+        return False
+    files = last.get("files")
+    if not isinstance(files, dict):
+        return False
+    for name in _PUBLISHED_NAMES[bool(subdir)]:
+        recorded = files.get(name)
+        try:
+            st = os.stat(mirror_dir / subdir / name)
+        except OSError:
+            return False
+        if recorded != [st.st_size, st.st_mtime_ns]:
+            return False
+    return True
 
 
 class CondaChannel:
@@ -82,43 +112,80 @@ class CondaChannel:
                state: dict[str, Any] | None = None) -> Iterator[IndexFile]:
         """Index files in publication order: new shards, shard indexes, .zst + .json, channeldata.
 
-        ``mirror_dir`` is where the shards of earlier runs are; ``state`` what :meth:`state`
-        returned after the last run (the shard cache). Only shards not yet on disk are yielded.
+        ``mirror_dir`` is where earlier runs published; ``state`` what :meth:`state` returned after
+        the last run. Only shards not yet on disk are yielded, and a subdir whose records, info and
+        removed list are what they were last run, with its files on disk as that run left them,
+        is not rewritten at all: a no-op sync leaves every index file (and its ETag) untouched.
         """
         assert self.index is not None
         by_subdir: dict[str, list[CondaRecord]] = defaultdict(list)
         for record in kept:
             by_subdir[record.channel_subdir].append(record)
         subdirs = sorted(self.index.subdirs)
-        previous = (state or {}).get("shards") or {}
-        shard_sets = {}
+        state = state if isinstance(state, dict) else {}
+        previous = state.get("shards") if isinstance(state.get("shards"), dict) else {}
+        published = state.get("published") if isinstance(state.get("published"), dict) else {}
+        shard_sets, fingerprints, unchanged = {}, {}, set()
         for subdir in subdirs:
             on_disk: set[str] = set()
             if mirror_dir is not None and (mirror_dir / subdir / "shards").is_dir():
                 on_disk = {f"shards/{n}" for n in os.listdir(mirror_dir / subdir / "shards")}
             cache = previous.get(subdir)
-            shard_sets[subdir] = render_shards(subdir, by_subdir.get(subdir, []),
-                                               cache=cache if isinstance(cache, dict) else None,
-                                               on_disk=on_disk)
+            shard_set = shard_sets[subdir] = render_shards(
+                subdir, by_subdir.get(subdir, []), cache=cache if isinstance(cache, dict) else None,
+                on_disk=on_disk)
+            src = self.index.subdirs[subdir]
+            fingerprints[subdir] = _fingerprint(
+                WRITER_VERSION, orjson.dumps({k: bytes(v).decode() for k, v in src.info.items()}),
+                orjson.dumps(sorted(src.removed)),
+                *(f"{name}={key}".encode() for name, (key, _) in shard_set.cache.items()))
+            if _still_published(mirror_dir, subdir, fingerprints[subdir], published.get(subdir)):
+                unchanged.add(subdir)
+        fingerprints[""] = _fingerprint(WRITER_VERSION, *(fingerprints[s].encode() for s in subdirs),
+                                        orjson.dumps(self.index.channeldata, option=orjson.OPT_SORT_KEYS))
+        if _still_published(mirror_dir, "", fingerprints[""], published.get("")):
+            unchanged.add("")
         self._state = {"shards": {s: shard_sets[s].cache for s in subdirs}}
+        self._fingerprints = fingerprints
         self.shard_counts = (sum(x.encoded for x in shard_sets.values()),
                              sum(x.reused for x in shard_sets.values()))
+        self.unchanged = sorted(unchanged)
         for subdir in subdirs:
             for relpath, data in shard_sets[subdir].new.items():
                 yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
         for subdir in subdirs:
-            yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", shard_sets[subdir].index)
+            if subdir not in unchanged:
+                yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", shard_sets[subdir].index)
         for subdir in subdirs:
-            src = self.index.subdirs[subdir]
-            repodata = render_repodata(subdir, by_subdir.get(subdir, []), src.info, src.removed)
-            yield IndexFile(f"{subdir}/repodata.json", repodata, zst_twin=True)
-        yield IndexFile("channeldata.json",
-                        render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
-                                           self.index.channeldata))
+            if subdir not in unchanged:
+                src = self.index.subdirs[subdir]
+                repodata = render_repodata(subdir, by_subdir.get(subdir, []), src.info, src.removed)
+                yield IndexFile(f"{subdir}/repodata.json", repodata, zst_twin=True)
+        if "" not in unchanged:
+            yield IndexFile("channeldata.json",
+                            render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
+                                               self.index.channeldata))
 
-    def state(self) -> dict[str, Any]:
-        """What the next run's :meth:`render` wants to know: name -> (content key, shard)."""
-        return getattr(self, "_state", {})
+    def state(self, mirror_dir: Path | None = None) -> dict[str, Any]:
+        """What the next run's :meth:`render` wants to know: the shard cache (name -> content key,
+        shard), and per subdir the fingerprint of what was published with its files' size and
+        mtime as they are now (call this after publishing)."""
+        state = dict(getattr(self, "_state", {}))
+        if mirror_dir is not None:
+            published = {}
+            for subdir, fingerprint in getattr(self, "_fingerprints", {}).items():
+                names = _PUBLISHED_NAMES[bool(subdir)]
+                files = {}
+                for name in names:
+                    try:
+                        st = os.stat(mirror_dir / subdir / name)
+                    except OSError:
+                        break
+                    files[name] = [st.st_size, st.st_mtime_ns]
+                else:
+                    published[subdir] = {"fingerprint": fingerprint, "files": files}
+            state["published"] = published
+        return state
 
     # -- reading back what was published (verify, clean) -----------------------------------------
 

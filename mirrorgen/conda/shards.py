@@ -38,7 +38,11 @@ __all__ = [
     "compress_shards",
     "encode_shard",
     "encode_shard_index",
+    "encode_shard_source",
+    "encode_shard_sources",
     "pack_shard",
+    "pack_shard_source",
+    "shard_source",
     "shard_digest",
     "shard_relpath",
 ]
@@ -151,27 +155,67 @@ def _fix_digests(record: dict[str, Any]) -> None:
             del record[field]
 
 
-def _records(records: Mapping[str, Any]) -> dict[str, Any]:
-    """filename -> raw JSON record (bytes or any buffer) -> the shard's map, sorted by filename.
+def _joined(records: Mapping[str, Any]) -> list[Any]:
+    """Parts of one JSON object ``{filename: raw record, ...}``, sorted, archive names only."""
+    parts: list[Any] = []
+    for fn in sorted(records):
+        if _is_archive_filename(fn):
+            parts += (b",", orjson.dumps(fn), b":", records[fn])
+    if parts:
+        parts[0] = b"{"
+        parts.append(b"}")
+    else:
+        parts.append(b"{}")
+    return parts
+
+
+def shard_source(
+    packages: Mapping[str, Any],
+    packages_conda: Mapping[str, Any],
+    removed: Sequence[str] = (),
+) -> bytes:
+    """One package name's records as a single JSON document of their raw bytes, unparsed:
+    ``[{packages}, {packages.conda}, [removed]]``. This is what :func:`encode_shard_source` (in
+    this process or a worker process) turns into the shard; building it is a cheap join.
+
+    ``packages`` / ``packages_conda`` map filename -> the record's raw JSON as upstream served it
+    (bytes or a buffer such as msgspec.Raw).
+    """
+    # A filename rattler cannot parse, as a key or in "removed", makes it
+    # reject the shard and so fail the whole solve: such entries are dropped.
+    kept_removed = sorted({fn for fn in removed if _is_archive_filename(fn)})
+    return b"".join([b"[", *_joined(packages), b",", *_joined(packages_conda), b",",
+                     orjson.dumps(kept_removed), b"]"])
+
+
+def pack_shard_source(source: bytes) -> bytes:
+    """:func:`shard_source` output -> the shard's msgpack bytes, before compression.
 
     Every key other than the digests is kept exactly as upstream sent it,
     unknown keys included (CEP-16: "Implementers SHOULD ignore unknown keys").
-    The records are joined into one JSON object and decoded in one call:
-    a call per record would cost more than the decoding itself.
+    The records are decoded in one call: a call per record would cost more
+    than the decoding itself.
     """
-    names = [fn for fn in sorted(records) if _is_archive_filename(fn)]
-    if not names:
-        return {}
-    parts: list[Any] = []
-    for fn in names:
-        parts += (b",", orjson.dumps(fn), b":", records[fn])
-    parts[0] = b"{"
-    parts.append(b"}")
-    decoded: dict[str, Any] = orjson.loads(b"".join(parts))
-    for record in decoded.values():
-        if type(record) is dict:  # else: not a record at all; mirror it as upstream served it
-            _fix_digests(record)
-    return decoded
+    packages, packages_conda, removed = orjson.loads(source)
+    for records in (packages, packages_conda):
+        for record in records.values():
+            if type(record) is dict:  # else: not a record at all; mirror it as upstream served it
+                _fix_digests(record)
+    # CEP-16 shard keys; all three are always written: rattler requires
+    # "packages" (no serde default), conda indexes "packages" and
+    # "packages.conda" directly. rattler hides records listed in "removed"
+    # (CEP-16: "list of strings of keys (filenames) that were removed").
+    return _pack({"packages": packages, "packages.conda": packages_conda, "removed": removed})
+
+
+def encode_shard_source(source: bytes) -> bytes:
+    """:func:`shard_source` output -> the shard file (zstd-compressed msgpack)."""
+    return _compress(pack_shard_source(source))
+
+
+def encode_shard_sources(sources: Sequence[bytes]) -> list[bytes]:
+    """Many at once: the unit of work a worker process is given."""
+    return [encode_shard_source(source) for source in sources]
 
 
 def pack_shard(
@@ -180,24 +224,9 @@ def pack_shard(
     removed: Sequence[str] = (),
 ) -> bytes:
     """One package name's records -> the shard's msgpack bytes, before compression.
-
-    ``packages`` / ``packages_conda`` map filename -> the record's raw JSON
-    as upstream served it (bytes or a buffer such as msgspec.Raw). The output
-    is deterministic (filenames and ``removed`` sorted) so an unchanged package
-    keeps its shard name.
-    """
-    # A filename rattler cannot parse, as a key or in "removed", makes it
-    # reject the shard and so fail the whole solve: such entries are dropped.
-    # CEP-16 shard keys; all three are always written: rattler requires
-    # "packages" (no serde default), conda indexes "packages" and
-    # "packages.conda" directly. rattler hides records listed in "removed".
-    shard = {
-        "packages": _records(packages),
-        "packages.conda": _records(packages_conda),
-        # CEP-16: "list of strings of keys (filenames) that were removed".
-        "removed": sorted({fn for fn in removed if _is_archive_filename(fn)}),
-    }
-    return _pack(shard)
+    The output is deterministic (filenames and ``removed`` sorted) so an
+    unchanged package keeps its shard name."""
+    return pack_shard_source(shard_source(packages, packages_conda, removed))
 
 
 def encode_shard(

@@ -9,6 +9,7 @@ its repodata.json, so we write repodata_version 1 with no base_url.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ import msgspec
 import orjson
 import zstandard
 
+from ..workers import WorkerPool
 from .record import CondaRecord
-from .shards import compress_shards, encode_shard_index, pack_shard, shard_digest, shard_relpath
+from .shards import (compress_shards, encode_shard_index, pack_shard_source,
+                     shard_digest, shard_relpath, shard_source)
 
 __all__ = ["Repodata", "ShardSet", "render_repodata", "render_channeldata", "compress_zst",
            "render_shards"]
@@ -90,7 +93,6 @@ def compress_zst(data: bytes) -> bytes:
 # Part of every shard's content key: change it when encode_shard's output changes, and every
 # shard is encoded afresh on the next run.
 SHARD_ENCODING: Final = b"mirrorgen-cep16-v1"
-_COMPRESS_BATCH: Final = 2048  # packed shards handed to zstd's threads at once
 
 
 @dataclass
@@ -107,13 +109,14 @@ class ShardSet:
 
 def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence[str] = (), *,
                   cache: Mapping[str, Sequence[str]] | None = None,
-                  on_disk: Container[str] = frozenset()) -> ShardSet:
+                  on_disk: Container[str] = frozenset(), workers: int | None = None) -> ShardSet:
     """CEP-16: one shard per package name, and the index naming each shard by its hash.
 
     Encoding a shard means decoding each record to turn its hex digests into bytes, the one
     costly step in the whole index build. A name whose records are byte-for-byte what they were
     last run (its content key: a hash over each record's file name and raw JSON) keeps last
     run's shard, provided that file is still ``on_disk``; only changed names are encoded again.
+    When many are (a first run), worker processes encode them on every core.
     """
     groups: dict[str, list[CondaRecord]] = defaultdict(list)
     for record in records:
@@ -121,17 +124,7 @@ def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence
     cache = cache or {}
     out = ShardSet(b"", {}, {})
     digests: dict[str, bytes] = {}
-    todo: list[tuple[str, str, bytes]] = []   # (name, content key, packed shard)
-
-    def compress_todo() -> None:
-        for (name, key, _), shard in zip(todo, compress_shards([p for _, _, p in todo])):
-            digest = shard_digest(shard)
-            digests[name] = digest
-            out.new[shard_relpath(digest)] = shard
-            out.cache[name] = (key, digest.hex())
-        out.encoded += len(todo)
-        todo.clear()
-
+    misses: list[tuple[str, str, list[CondaRecord]]] = []
     for name in sorted(groups):
         group = sorted(groups[name], key=_by_fn)
         parts: list[Any] = [SHARD_ENCODING]
@@ -144,15 +137,70 @@ def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence
             digests[name] = bytes.fromhex(hit[1])
             out.cache[name] = (key, hit[1])
             out.reused += 1
-            continue
-        packed = pack_shard({r.fn: r.raw for r in group if not r.is_conda},
-                            {r.fn: r.raw for r in group if r.is_conda})
-        todo.append((name, key, packed))
-        if len(todo) >= _COMPRESS_BATCH:
-            compress_todo()
-    compress_todo()
+        else:
+            misses.append((name, key, group))
+
+    def sources() -> Iterator[bytes]:
+        for _, _, group in misses:
+            yield shard_source({r.fn: r.raw for r in group if not r.is_conda},
+                               {r.fn: r.raw for r in group if r.is_conda})
+
+    count = sum(len(group) for _, _, group in misses)
+    if workers is None:
+        workers = _cores() if count >= POOL_MIN_RECORDS else 1
+    for (name, key, _), shard in zip(misses, _encode(sources(), workers)):
+        digest = shard_digest(shard)
+        digests[name] = digest
+        out.new[shard_relpath(digest)] = shard
+        out.cache[name] = (key, digest.hex())
+    out.encoded = len(misses)
     out.index = encode_shard_index(subdir, {name: digests[name] for name in sorted(digests)})
     return out
+
+
+# Below this many records to encode, starting worker processes costs more than it saves.
+POOL_MIN_RECORDS: Final = 20_000
+_TASK_BYTES: Final = 1 << 21  # about 2 MB of raw records per task sent to a worker
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _encode(sources: Iterable[bytes], workers: int) -> Iterator[bytes]:
+    """Shard files for ``sources`` (shard_source documents), in order.
+
+    With one worker: packed here, compressed in batches by zstd's threads. With more: tasks of
+    about 2 MB go to worker processes (mirrorgen.workers), one in flight per worker, so the
+    sources never all sit in memory at once.
+    """
+    if workers <= 1:
+        batch: list[bytes] = []
+        for source in sources:
+            batch.append(pack_shard_source(source))
+            if len(batch) >= 2048:
+                yield from compress_shards(batch)
+                batch = []
+        yield from compress_shards(batch)
+        return
+    def tasks() -> Iterator[list[bytes]]:
+        task: list[bytes] = []
+        size = 0
+        for source in sources:
+            task.append(source)
+            size += len(source)
+            if size >= _TASK_BYTES:
+                yield task
+                task, size = [], 0
+        if task:
+            yield task
+
+    with WorkerPool(workers) as pool:
+        for shards in pool.map("encode_shards", tasks()):
+            yield from shards
 
 
 def _is_sha256_hex(value: object) -> bool:
