@@ -1,0 +1,194 @@
+"""What makes a re-run cheap must never make it wrong: unchanged index files are left alone,
+changed ones are rewritten, and the fast paths (shard cache, worker processes, streamed .zst,
+the manifest) give exactly what the slow ones would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from mirrorgen.conda.shards import decode_shard
+from mirrorgen.conda.source import parse_repodata
+from mirrorgen.conda.writer import render_repodata, render_shards
+from mirrorgen.store import Manifest, Store
+from mirrorgen.sync import sync_mirror
+from mirrorgen.workers import WorkerError, WorkerPool
+
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "conda"
+INDEX_NAMES = ("repodata.json", "repodata.json.zst", "repodata_shards.msgpack.zst")
+
+
+def snapshot(mirror: Path) -> dict[str, tuple[int, bytes]]:
+    """mtime and bytes of every index file (not package files, not shards)."""
+    out = {}
+    for path in sorted(mirror.rglob("*")):
+        if path.is_file() and (path.name in INDEX_NAMES or path.name == "channeldata.json"):
+            out[path.relative_to(mirror).as_posix()] = (path.stat().st_mtime_ns, path.read_bytes())
+    return out
+
+
+def shards(mirror: Path, subdir: str) -> set[str]:
+    return {p.name for p in (mirror / subdir / "shards").iterdir()}
+
+
+def patch_upstream(channel: Path, subdir: str, fn: str, **changes: object) -> None:
+    """Change one record upstream, as a repodata hotfix does; drop the compressed copies so the
+    plain file is what gets read."""
+    path = channel / subdir / "repodata.json"
+    doc = json.loads(path.read_bytes())
+    key = "packages.conda" if fn.endswith(".conda") else "packages"
+    doc[key][fn].update(changes)
+    path.write_text(json.dumps(doc))
+    for suffix in (".zst", ".bz2"):
+        (channel / subdir / f"repodata.json{suffix}").unlink(missing_ok=True)
+
+
+async def test_a_no_op_sync_leaves_every_index_file_and_the_manifest_untouched(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    store, mirror = Store(config.root), config.mirrors[0]
+    first = await sync_mirror(config, mirror, store, progress=False)
+    assert first.index_files > 0
+    before = snapshot(store.mirror_dir(mirror.name))
+    manifest = store.state_dir(mirror.name) / "manifest.json"
+    manifest_mtime = manifest.stat().st_mtime_ns
+
+    second = await sync_mirror(config, mirror, store, progress=False)
+
+    assert second.index_files == 0 and second.downloaded == 0 and second.reused == first.downloaded
+    assert snapshot(store.mirror_dir(mirror.name)) == before
+    assert manifest.stat().st_mtime_ns == manifest_mtime
+
+
+async def test_a_changed_record_rewrites_its_subdir_and_re_encodes_only_its_shard(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    store, mirror = Store(config.root), config.mirrors[0]
+    await sync_mirror(config, mirror, store, progress=False)
+    root = store.mirror_dir(mirror.name)
+    before = snapshot(root)
+    shards_before = {s: shards(root, s) for s in ("linux-64", "noarch")}
+    doc = json.loads((root / "linux-64" / "repodata.json").read_bytes())
+    fn, record = next(iter(doc["packages.conda"].items()))
+
+    patch_upstream(upstream.root / "demo", "linux-64", fn, depends=[*record["depends"], "hotfix-added"])
+    await sync_mirror(config, mirror, store, progress=False)
+
+    after = snapshot(root)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {"linux-64/repodata.json", "linux-64/repodata.json.zst",
+                       "linux-64/repodata_shards.msgpack.zst", "channeldata.json"}
+    published = json.loads((root / "linux-64" / "repodata.json").read_bytes())
+    assert published["packages.conda"][fn]["depends"][-1] == "hotfix-added"
+    # Exactly one new shard (the patched name's); the others are the files of the first run.
+    assert len(shards(root, "linux-64") - shards_before["linux-64"]) == 1
+    assert shards(root, "noarch") == shards_before["noarch"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete-zst", "lose-state"])
+async def test_a_damaged_index_file_or_lost_state_is_repaired_by_the_next_sync(
+        upstream, write_config, damage: str) -> None:
+    config = write_config(upstream.channel_url)
+    store, mirror = Store(config.root), config.mirrors[0]
+    await sync_mirror(config, mirror, store, progress=False)
+    root = store.mirror_dir(mirror.name)
+    good = snapshot(root)
+    if damage == "truncate":
+        (root / "noarch" / "repodata.json").write_bytes(b'{"packages": {}}')
+    elif damage == "delete-zst":
+        (root / "noarch" / "repodata.json.zst").unlink()
+    else:
+        (store.state_dir(mirror.name) / "index-cache.json").unlink()
+
+    result = await sync_mirror(config, mirror, store, progress=False)
+
+    assert result.index_files > 0
+    repaired = snapshot(root)
+    for relpath in ("noarch/repodata.json", "noarch/repodata.json.zst"):
+        assert repaired[relpath][1] == good[relpath][1], relpath
+    assert zstandard.ZstdDecompressor().decompress(repaired["noarch/repodata.json.zst"][1]) \
+        == repaired["noarch/repodata.json"][1]
+
+
+def real(relpath: str):
+    path = TESTDATA / relpath
+    return parse_repodata(path.read_bytes(), path.parent.name if "/" in relpath else "linux-64", 0, str(path))
+
+
+def test_shards_from_worker_processes_are_byte_identical_to_in_process_ones() -> None:
+    index = real("subchannel-demo/linux-64/repodata.json")
+    here = render_shards("linux-64", index.records, workers=1)
+    pooled = render_shards("linux-64", index.records, workers=2)
+    assert here.encoded == pooled.encoded == len({r.name for r in index.records})
+    assert here.new == pooled.new and here.cache == pooled.cache
+    decoded = [decode_shard(data) for data in pooled.new.values()]
+    assert sum(len(d["packages"]) + len(d["packages.conda"]) for d in decoded) == len(index.records)
+
+
+def test_the_shard_cache_skips_unchanged_names_only_while_their_files_exist() -> None:
+    index = real("rattler_pytorch_linux-64_repodata.json")
+    first = render_shards("linux-64", index.records, workers=1)
+    on_disk = set(first.new)
+    again = render_shards("linux-64", index.records, cache=first.cache, on_disk=on_disk, workers=1)
+    assert again.encoded == 0 and again.reused == first.encoded and not again.new
+    assert again.cache == first.cache
+    # One shard file gone: that name is encoded again, to the same bytes.
+    gone = sorted(on_disk)[0]
+    third = render_shards("linux-64", index.records, cache=first.cache, on_disk=on_disk - {gone}, workers=1)
+    assert third.encoded == 1 and third.new == {gone: first.new[gone]}
+    # A changed record changes its name's content key: a cache hit is impossible.
+    stale = {name: ("0" * 64, digest) for name, (_, digest) in first.cache.items()}
+    fourth = render_shards("linux-64", index.records, cache=stale, on_disk=on_disk, workers=1)
+    assert fourth.encoded == first.encoded
+
+
+def test_streamed_repodata_is_exact_and_its_zst_records_the_content_size(tmp_path: Path) -> None:
+    index = real("davhau_intel_linux-64_2023-08-28.json")
+    repodata = render_repodata("linux-64", index.records, index.info, ["gone-1-0.tar.bz2"])
+    data = repodata.render()
+    assert len(data) == repodata.size
+    doc = json.loads(data)
+    assert len(doc["packages"]) + len(doc["packages.conda"]) == len(index.records)
+    assert doc["removed"] == ["gone-1-0.tar.bz2"]
+    store = Store(tmp_path)
+    store.write_with_zst(tmp_path / "m" / "repodata.json", repodata.chunks(per_chunk=7), repodata.size)
+    zst = (tmp_path / "m" / "repodata.json.zst").read_bytes()
+    assert zstandard.frame_content_size(zst) == len(data)
+    assert zstandard.ZstdDecompressor().decompress(zst) == data == (tmp_path / "m" / "repodata.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["repodata.json", "repodata.json.zst"]
+
+
+def test_write_batch_publishes_every_file_and_leaves_no_temporary_one(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    items = [(tmp_path / "m" / "a" / "shards" / f"{i:064x}.msgpack.zst", bytes([i]) * (i * 1000))
+             for i in range(1, 40)]
+    assert store.write_batch(items) == len(items)
+    for path, data in items:
+        assert path.read_bytes() == data
+    assert [p.name for p in (tmp_path / "m" / "a" / "shards").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_corrupt_manifest_trusts_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    (store.state_dir("m")).mkdir(parents=True)
+    (store.state_dir("m") / "manifest.json").write_bytes(b'{"version": 1, "files": {"a/b.conda": [1, 2]')
+    manifest = Manifest(store, "m").load()
+    assert manifest.entries == {}
+
+
+def test_worker_errors_reach_the_caller() -> None:
+    with WorkerPool(1) as pool:
+        with pytest.raises(WorkerError, match="JSONDecodeError|unexpected"):
+            list(pool.map("encode_shards", [[b"[not json"]]))
+    with WorkerPool(1) as pool, pytest.raises(ValueError, match="unknown job"):
+        list(pool.map("rm -rf", [[b""]]))
+
+
+def test_depends_with_a_non_string_reads_as_empty_and_the_record_stays_raw() -> None:
+    record = (b'{"name":"odd","version":"1","build":"0","build_number":0,'
+              b'"depends":["python >=3.9", 7],"constrains":[]}')
+    data = b'{"packages":{"odd-1-0.tar.bz2":' + record + b'}}'
+    index = parse_repodata(data, "noarch", 0, "test://odd")
+    (odd,) = index.records
+    assert odd.depends == [] and bytes(odd.raw) == record
