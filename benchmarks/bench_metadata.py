@@ -14,6 +14,7 @@ Goal: wall <= 1.2x the floor, peak RSS <= 0.6x.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ def _config(path: Path, root: Path, source: Path) -> Path:
         "filters": {"licenses": LICENSES}}})
 
 
+def _fresh(root: Path) -> None:
+    """Remove the last run's mirror and flush the deletion, so the next run is not charged for it."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.sync()
+
+
 def _keys(repodata: Path) -> set[str]:
     doc = orjson.loads(repodata.read_bytes())
     return set(doc.get("packages") or {}) | set(doc.get("packages.conda") or {})
@@ -68,12 +75,13 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int) -> Ta
             for _ in range(max(1, repeat)):
                 root = work / "mirror"
                 if phase == "cold":
-                    shutil.rmtree(root, ignore_errors=True)
+                    _fresh(root)
                     cfg = _config(work / "cold.yaml", root, up)
                 else:
                     # Back to the previous state: synced from `up`, then time the sync from `up-next`.
-                    shutil.rmtree(root, ignore_errors=True)
+                    _fresh(root)
                     build.run("sync", "-c", str(_config(work / "cold.yaml", root, up)), "--quiet")
+                    os.sync()
                     cfg = _config(work / "update.yaml", root, up_next)
                 m = build.run("sync", "-c", str(cfg), "--quiet")
                 best = m if best is None or m.wall < best.wall else best

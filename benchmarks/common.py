@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,8 +52,10 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
             argv = [_GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
+        sampler = _TreeSampler(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        sampler.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -60,11 +63,47 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
         if _GNU_TIME:
             lines = rss_file.read().split()
             rss_kib = int(lines[-1]) if lines and lines[-1].isdigit() else rss_kib
+        # A run with worker processes: their memory counts too (GNU time sees only the largest
+        # process of the tree, not the sum).
+        rss_kib = max(rss_kib, sampler.peak_kib)
         result = Measured(wall, rss_kib * 1024, proc.returncode,
                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
     if check and result.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+class _TreeSampler:
+    """Polls the summed RSS of a process and all its descendants (from /proc) every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kib = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_kib = max(self.peak_kib, _tree_rss_kib(self.pid))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _tree_rss_kib(pid: int) -> int:
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
 
 
 def best_of(runs: int, cmd: Sequence[str], **kwargs: Any) -> Measured:

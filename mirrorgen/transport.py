@@ -3,16 +3,27 @@
 Downloads are verified while they stream: the size is checked as bytes arrive (a file larger than
 the index says is cut off at once) and the hash is computed on the fly, so a file is hashed once,
 and only a file whose size and hash match reaches its final name.
+
+Index files (a few, parsed in memory) come through aiohttp on the event loop. Package files
+(thousands, gigabytes) are each fetched start to end by one of ``concurrency`` download threads
+(:class:`_Lane`): the body is received straight into one reused buffer, hashed and written from
+there, all in calls that release the GIL, so the event loop never waits for a disk or a hash and
+no byte is copied more than once on its way to the page cache. A verified file stays under its
+temporary name until :class:`GroupCommit` publishes it with a batch of others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import http.client
 import os
 import queue
 import random
+import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -21,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 
@@ -29,19 +40,20 @@ from .errors import ChecksumMismatch, SizeMismatch, UpstreamError
 from .store import Entry, Store
 from .urls import is_remote, redact
 
-__all__ = ["Transport", "Verified", "Staged", "local_path"]
+__all__ = ["Transport", "Verified", "Staged", "GroupCommit", "local_path"]
 
 CHUNK: Final = 1 << 18
-# Bytes a download hands its thread at once: hashing releases the GIL for the whole batch, and one
-# hand-over per MiB costs nothing next to hashing and writing it.
-BATCH: Final = 1 << 20
-_LANE_BACKLOG: Final = 8  # batches a download may be ahead of its thread before it waits for it
-_IOV_MAX: Final = 1024
-# aiohttp's per-response buffer: large enough that the socket is read in big pieces and not
-# paused after every 128 KiB.
-_READ_BUFSIZE: Final = 1 << 20
+# What a download thread receives, hashes and writes at once: hashing and writing release the GIL
+# for the whole of it, so the Python between them costs nothing next to the work.
+BUFFER: Final = 1 << 18
 _RETRY_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECT_STATUS: Final = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS: Final = 10
 _MAX_BACKOFF: Final = 30.0
+_CONNECT_TIMEOUT: Final = 30.0
+_USER_AGENT: Final = "mirrorgen/0.1"
+# Characters left as they are in a request path (RFC 3986 pchar and "/"; "%" keeps escapes).
+_PATH_SAFE: Final = "/%:@!$&'()*+,;=-._~"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +85,15 @@ class Transport:
         self._lanes: list[_Lane] = []
         self._free: list[_Lane] = []
         self._lane_waiters: deque[asyncio.Future[_Lane]] = deque()
+        self._ssl: ssl.SSLContext | None = None
 
     async def __aenter__(self) -> Transport:
         connector = aiohttp.TCPConnector(limit=max(self.concurrency * 2, 8), ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.timeout),
-            headers={"User-Agent": "mirrorgen/0.1"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=self.timeout),
+            headers={"User-Agent": _USER_AGENT},
             auto_decompress=False,  # we want upstream's bytes, exactly, to hash them
-            read_bufsize=_READ_BUFSIZE,
         )
         return self
 
@@ -92,8 +104,11 @@ class Transport:
         lanes, self._lanes, self._free = self._lanes, [], []
         for lane in lanes:
             lane.stop()
-        for lane in lanes:  # each finishes what it was given (an abort's unlink) first
-            await asyncio.to_thread(lane.thread.join)
+        # Each finishes what it has in hand (an interrupted download removes its temporary file).
+        # A thread stuck connecting is not waited for: it is a daemon and holds nothing durable.
+        deadline = time.monotonic() + 5.0
+        for lane in lanes:
+            await asyncio.to_thread(lane.thread.join, max(0.0, deadline - time.monotonic()))
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -154,78 +169,47 @@ class Transport:
     async def fetch(self, url: str, final: Path, store: Store, *, size: int | None,
                     sha256: str | None, md5: str | None, verify: bool = True) -> Staged:
         """Fetch ``url`` into a temporary file next to ``final``, checking size and hash: the
-        result is complete and verified, but not yet durable nor under its final name (that is
-        :meth:`Store.publish_temps`, for many files at once). On any failure no file is left."""
+        result is complete and verified, but neither durable nor under its final name yet (that
+        is :meth:`Store.publish_temps`, for many files at once). On failure no file is left.
+
+        Retried with backoff: HTTP 408/429/5xx, refused, reset or cut-short connections, timeouts.
+        Not retried: other HTTP errors, a size or hash mismatch (upstream's index and file differ;
+        the run reports it)."""
         path = local_path(url)
         last = "no attempt"
         async for _ in self._attempts(url):
             try:
                 if path is not None:
-                    return await asyncio.to_thread(self._copy_local, url, path, final, store, size,
+                    return await asyncio.to_thread(_copy_local, url, path, final, store, size,
                                                    sha256, md5, verify)
                 return await self._fetch_http(url, final, store, size, sha256, md5, verify)
             except _Retry as retry:
                 last = retry.reason
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                last = _describe(exc)
         raise UpstreamError(redact(url), f"{last} (after {self.retries + 1} attempts)")
 
     async def _fetch_http(self, url: str, final: Path, store: Store, size: int | None,
                           sha256: str | None, md5: str | None, verify: bool) -> Staged:
-        async with self.session.get(url) as resp:
-            if resp.status in _RETRY_STATUS:
-                raise _Retry(f"HTTP {resp.status}")
-            if resp.status != 200:
-                raise UpstreamError(redact(url), f"HTTP {resp.status}")
-            lane = await self._lane()
-            sink = _Sink(store, final, _Hasher(sha256, md5, verify))
-            try:
-                # Everything that touches the file (open, hash, write, fstat, close) runs on the
-                # lane's thread, in order; the loop only receives, counts and hands over batches
-                # of ~1 MiB, so it never waits for the disk or for hashing.
-                lane.submit(sink.open)
-                batch: list[bytes] = []
-                batched = got = 0
-                content = resp.content
-                while True:
-                    chunk, _ = await content.readchunk()
-                    if not chunk:
-                        if content.at_eof():
-                            break
-                        continue
-                    got += len(chunk)
-                    if size is not None and got > size:
-                        raise SizeMismatch(redact(url), size, got)
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= BATCH:
-                        if sink.error is not None:
-                            raise sink.error
-                        lane.submit(sink.write, batch)
-                        batch, batched = [], 0
-                        sink.submitted += 1
-                        if sink.submitted - sink.done > _LANE_BACKLOG:
-                            # The thread fell behind (slow disk): wait for it, bounding memory.
-                            await lane.call(sink.sync)
-                if batch:
-                    lane.submit(sink.write, batch)
-                if size is not None and got != size:
-                    raise SizeMismatch(redact(url), size, got)
-                return await lane.call(sink.finish, redact(url), got)
-            except BaseException:
-                lane.submit(sink.abort)
-                raise
-            finally:
-                self._release(lane)
+        lane = await self._lane()
+        job = _Job(url, final, store, size, _Hasher(sha256, md5, verify))
+        try:
+            return await lane.call(lane.download, job)
+        except asyncio.CancelledError:
+            job.cancel()  # the thread stops at once and removes its temporary file
+            raise
+        finally:
+            self._release(lane)
 
     async def _lane(self) -> _Lane:
         if self._free:
             return self._free.pop()
+        loop = asyncio.get_running_loop()
         if len(self._lanes) < max(self.concurrency, 1):
-            lane = _Lane(asyncio.get_running_loop())
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()  # what aiohttp verifies against, too
+            lane = _Lane(loop, self.timeout, self._ssl)
             self._lanes.append(lane)
             return lane
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = loop.create_future()
         self._lane_waiters.append(waiter)
         try:
             return await waiter
@@ -242,31 +226,32 @@ class Transport:
                 return
         self._free.append(lane)
 
-    @staticmethod
-    def _copy_local(url: str, path: Path, final: Path, store: Store, size: int | None,
-                    sha256: str | None, md5: str | None, verify: bool) -> Staged:
+
+def _copy_local(url: str, path: Path, final: Path, store: Store, size: int | None,
+                sha256: str | None, md5: str | None, verify: bool) -> Staged:
+    try:
+        src = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise UpstreamError(redact(url), "no such file") from None
+    except OSError as exc:
+        raise UpstreamError(redact(url), str(exc)) from None
+    sink = _Sink(store, final, _Hasher(sha256, md5, verify))
+    buf = memoryview(bytearray(BUFFER))
+    with src:
         try:
-            src = open(path, "rb")
-        except FileNotFoundError:
-            raise UpstreamError(redact(url), "no such file") from None
-        except OSError as exc:
-            raise UpstreamError(redact(url), str(exc)) from None
-        sink = _Sink(store, final, _Hasher(sha256, md5, verify))
-        with src:
-            try:
-                sink.open()
-                got = 0
-                while chunk := src.read(BATCH):
-                    got += len(chunk)
-                    if size is not None and got > size:
-                        raise SizeMismatch(redact(url), size, got)
-                    sink.write([chunk])
-                if size is not None and got != size:
+            sink.open()
+            got = 0
+            while n := src.readinto(buf):
+                got += n
+                if size is not None and got > size:
                     raise SizeMismatch(redact(url), size, got)
-                return sink.finish(redact(url), got)
-            except BaseException:
-                sink.abort()
-                raise
+                sink.write(buf[:n])
+            if size is not None and got != size:
+                raise SizeMismatch(redact(url), size, got)
+            return sink.finish(redact(url), got)
+        except BaseException:
+            sink.abort()
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,19 +366,39 @@ class GroupCommit:
         self.on_published(batch)
 
 
-class _Lane:
-    """A worker thread that runs one download's file work in order (a lane is held by one download
-    at a time). ``submit`` does not wait; ``call`` returns a future the loop can await."""
+class _Job:
+    """One download handed to a lane; ``cancel`` (from the loop) makes the lane drop it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self, url: str, final: Path, store: Store, size: int | None, hasher: _Hasher) -> None:
+        self.url, self.final, self.store, self.size, self.hasher = url, final, store, size, hasher
+        self.cancelled = False
+        self.sock: socket.socket | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread if it is waiting on upstream
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Lane:
+    """A download thread: runs the downloads it is given one after the other, each from request
+    to verified temporary file, over HTTP/1.1 connections it keeps alive (one per host).
+    A lane is held by one download at a time (:meth:`Transport._lane`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, ssl_context: ssl.SSLContext) -> None:
+        self.loop, self.timeout, self.ssl_context = loop, timeout, ssl_context
+        self.conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+        self.buf = memoryview(bytearray(BUFFER))
         self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
-                                            asyncio.Future[Any] | None] | None] = queue.SimpleQueue()
+                                            asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._work, name="mirrorgen-download", daemon=True)
         self.thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.queue.put((fn, args, None))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         future = self.loop.create_future()
@@ -404,15 +409,141 @@ class _Lane:
         self.queue.put(None)
 
     def _work(self) -> None:
-        while (item := self.queue.get()) is not None:
-            fn, args, future = item
-            try:
-                result, error = fn(*args), None
-            except BaseException as exc:  # handed to the awaiting coroutine
-                result, error = None, exc
-            if future is not None:
-                with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
+        try:
+            while (item := self.queue.get()) is not None:
+                fn, args, future = item
+                try:
+                    result, error = fn(*args), None
+                except BaseException as exc:  # handed to the awaiting coroutine
+                    result, error = None, exc
+                try:
                     self.loop.call_soon_threadsafe(_settle, future, result, error)
+                except RuntimeError:  # the loop is closed: nobody will take it
+                    if isinstance(result, Staged):
+                        result.discard()
+        finally:
+            for conn in self.conns.values():
+                conn.close()
+
+    # -- one download, in the thread ---------------------------------------------------------
+
+    def download(self, job: _Job) -> Staged:
+        if job.cancelled:
+            raise _Cancelled()
+        url, size = job.url, job.size
+        key, resp = self._open(job)
+        try:
+            status = resp.status
+            if status in _RETRY_STATUS:
+                raise _Retry(f"HTTP {status}")
+            if status != 200:
+                raise UpstreamError(redact(url), f"HTTP {status}")
+            if size is not None and resp.length is not None and resp.length != size:
+                raise SizeMismatch(redact(url), size, resp.length)  # its Content-Length says so
+            staged = self._receive(job, resp)
+        except BaseException:
+            self._drop(key)  # whatever is left of that response is not read: not reusable
+            raise
+        if resp.will_close:
+            self._drop(key)
+        return staged
+
+    def _receive(self, job: _Job, resp: http.client.HTTPResponse) -> Staged:
+        size, buf = job.size, self.buf
+        sink = _Sink(job.store, job.final, job.hasher)
+        try:
+            sink.open()
+            got = 0
+            while True:
+                # With a known size, never ask for more than one byte past it: a longer body is
+                # cut off as soon as it shows.
+                view = buf if size is None else buf[:min(len(buf), size - got + 1)]
+                try:
+                    n = resp.readinto(view)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Cancelled() if job.cancelled else _Retry(_describe(exc)) from None
+                if not n:
+                    break
+                got += n
+                if size is not None and got > size:
+                    raise SizeMismatch(redact(job.url), size, got)
+                sink.write(buf[:n])
+                if job.cancelled:
+                    raise _Cancelled()
+            if size is not None and got != size:
+                raise SizeMismatch(redact(job.url), size, got)
+            return sink.finish(redact(job.url), got)
+        except BaseException:
+            sink.abort()
+            raise
+
+    def _open(self, job: _Job) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
+        """GET ``job.url``, following redirects; the response to read, and its connection's key."""
+        url = job.url
+        for _ in range(_MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            host = parts.hostname or ""
+            key = (scheme, host, parts.port or (443 if scheme == "https" else 80))
+            target = quote(parts.path or "/", safe=_PATH_SAFE)
+            if parts.query:
+                target += "?" + parts.query
+            headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+            if parts.username is not None or parts.password is not None:
+                user = unquote(parts.username or "") + ":" + unquote(parts.password or "")
+                headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+            resp = self._request(job, key, target, headers)
+            location = resp.getheader("Location")
+            if resp.status not in _REDIRECT_STATUS or not location:
+                return key, resp
+            try:
+                resp.read(1 << 16)  # a redirect's body is short; more and the connection goes
+            except (OSError, http.client.HTTPException):
+                pass
+            if not resp.isclosed() or resp.will_close:
+                self._drop(key)
+            url = urljoin(url, location)
+        raise UpstreamError(redact(job.url), f"more than {_MAX_REDIRECTS} redirects")
+
+    def _request(self, job: _Job, key: tuple[str, str, int], target: str,
+                 headers: dict[str, str]) -> http.client.HTTPResponse:
+        conn = self.conns.get(key)
+        for fresh in ((False, True) if conn is not None else (True,)):
+            if job.cancelled:
+                raise _Cancelled()
+            try:
+                if fresh:
+                    conn = self._connect(key)
+                assert conn is not None
+                job.sock = conn.sock
+                conn.request("GET", target, headers=headers)
+                return conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(key)
+                if job.cancelled:
+                    raise _Cancelled() from None
+                if fresh:
+                    raise _Retry(_describe(exc)) from None
+                # A kept-alive connection upstream had closed meanwhile: once more, on a new one.
+        raise AssertionError("unreachable")
+
+    def _connect(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
+        scheme, host, port = key
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=_CONNECT_TIMEOUT, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=_CONNECT_TIMEOUT)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self.timeout)  # then as aiohttp's sock_read: per read, not per file
+        self.conns[key] = conn
+        return conn
+
+    def _drop(self, key: tuple[str, str, int]) -> None:
+        conn = self.conns.pop(key, None)
+        if conn is not None:
+            conn.close()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -427,52 +558,26 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 class _Sink:
-    """One download's temporary file and hashes. Called from one thread at a time, in order;
-    the loop reads ``error`` and ``done`` only (plain attribute reads)."""
+    """One download's temporary file and hashes (used from one thread)."""
 
     def __init__(self, store: Store, final: Path, hasher: _Hasher) -> None:
         self.store, self.final, self.hasher = store, final, hasher
         self.tmp: Path | None = None
         self.fd = -1
-        self.error: BaseException | None = None
-        self.submitted = self.done = 0  # batches handed over (loop) and written (thread)
 
     def open(self) -> None:
-        try:
-            self.tmp, self.fd = self.store.open_temp(self.final)
-        except BaseException as exc:
-            self.error = exc
+        self.tmp, self.fd = self.store.open_temp(self.final)
 
-    def write(self, chunks: list[bytes]) -> None:
-        try:
-            if self.error is not None:
-                return
-            for chunk in chunks:
-                self.hasher.update(chunk)
-            if len(chunks) == 1:
-                view = memoryview(chunks[0])
-                while view:
-                    view = view[os.write(self.fd, view):]
-            else:
-                while chunks:
-                    n = os.writev(self.fd, chunks[:_IOV_MAX])
-                    chunks = _advance(chunks, n)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.done += 1
-
-    def sync(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def write(self, data: memoryview) -> None:
+        self.hasher.update(data)
+        while data:
+            data = data[os.write(self.fd, data):]
 
     def finish(self, url: str, got: int) -> Staged:
         """Check the hashes, close the file, and hand it over as verified."""
-        if self.error is not None:
-            raise self.error
         digests = self.hasher.check(url)
         st = os.fstat(self.fd)
-        if st.st_size != got:  # never expected: what we wrote is not what we received
+        if st.st_size != got:  # never expected: what was written is not what was received
             raise SizeMismatch(url, got, st.st_size)
         os.close(self.fd)
         self.fd = -1
@@ -492,18 +597,6 @@ class _Sink:
             self.tmp = None
 
 
-def _advance(chunks: list[bytes], n: int) -> list[bytes]:
-    """What is left of ``chunks`` after a (possibly partial) writev of ``n`` bytes."""
-    i = 0
-    while i < len(chunks) and n >= len(chunks[i]):
-        n -= len(chunks[i])
-        i += 1
-    rest = chunks[i:]
-    if rest and n:
-        rest[0] = memoryview(rest[0])[n:]  # type: ignore[call-overload]
-    return rest
-
-
 class _Hasher:
     """sha256 always (what we record); md5 too when it is all upstream published."""
 
@@ -514,7 +607,7 @@ class _Hasher:
         self.sha256 = hashlib.sha256()
         self.md5 = hashlib.md5(usedforsecurity=False) if (md5 and not sha256) else None
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         self.sha256.update(chunk)
         if self.md5 is not None:
             self.md5.update(chunk)
@@ -531,7 +624,9 @@ class _Hasher:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, socket.timeout)):
         return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed after {len(exc.partial)} bytes of the body"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

@@ -36,7 +36,6 @@ class CondaRecord(msgspec.Struct, gc=False):
 
     # Set by the source after decoding (msgspec Structs are mutable; treat them as frozen after).
     fn: str = ""
-    key: str = ""              # "<channel_subdir>/<fn>": the record's identity in reports
     raw: msgspec.Raw = _EMPTY_LIST
     channel_subdir: str = ""   # the subdir whose repodata listed it (may differ from `subdir`)
     is_conda: bool = False     # listed under "packages.conda" (else "packages")
@@ -52,6 +51,12 @@ class CondaRecord(msgspec.Struct, gc=False):
     @property
     def constrains(self) -> list[str]:
         return _strings(self.constrains_json)
+
+    @property
+    def key(self) -> str:
+        """"<channel_subdir>/<fn>": the record's identity in reports (built when asked: kept on
+        every record, these strings would be a tenth of a large subdir's memory)."""
+        return f"{self.channel_subdir}/{self.fn}"
 
     @property
     def group(self) -> str:

@@ -53,17 +53,23 @@ def apply_filters(records: Sequence[Any], filters: Filters, eco: Ecosystem) -> F
     # not only what `only` kept: the dependency closure draws from that pool and must honour it.
     policy: dict[str, tuple[str, str]] = {}
     passed = filter_licenses(py_ok, filters.licenses, eco, policy)
-    filter_exclude(passed, exclude, policy)
-    restored = []
+    passed = filter_exclude(passed, exclude, policy)
+    # Membership by identity: a record's key is a string built on demand, and half a million of
+    # them only to test membership would cost more than the filters themselves.
+    allowed = {id(r) for r in passed}
+    put_back = []
     if include:
         for record in py_ok:
-            if record.key in policy and include.match(record) is not None:
+            if id(record) not in allowed and include.match(record) is not None:
                 del policy[record.key]
-                restored.append(record.key)
-    in_current = {r.key for r in current}
-    restored = [k for k in restored if k in in_current]
-    after_policy = [r for r in current if r.key not in policy]
-    dropped.update((k, v) for k, v in policy.items() if k in in_current)
+                allowed.add(id(record))
+                put_back.append(record)
+    in_current = {id(r) for r in current}
+    restored = [r.key for r in put_back if id(r) in in_current]
+    after_policy = [r for r in current if id(r) in allowed]
+    if policy:
+        refused_here = {r.key for r in current if id(r) not in allowed}
+        dropped.update((k, v) for k, v in policy.items() if k in refused_here)
 
     kept = filter_latest(after_policy, filters.latest, eco, dropped)
 
