@@ -21,7 +21,7 @@ from ..urls import join_url
 from .matchspec import CondaEcosystem
 from .record import CondaRecord
 from .source import ChannelIndex, CondaSource
-from .writer import render_channeldata, render_repodata, render_shards
+from .writer import plan_shards, render_channeldata, render_repodata
 
 __all__ = ["CondaChannel", "IndexFile"]
 
@@ -125,37 +125,38 @@ class CondaChannel:
         state = state if isinstance(state, dict) else {}
         previous = state.get("shards") if isinstance(state.get("shards"), dict) else {}
         published = state.get("published") if isinstance(state.get("published"), dict) else {}
-        shard_sets, fingerprints, unchanged = {}, {}, set()
+        plans, fingerprints, unchanged = {}, {}, set()
         for subdir in subdirs:
             on_disk: set[str] = set()
             if mirror_dir is not None and (mirror_dir / subdir / "shards").is_dir():
                 on_disk = {f"shards/{n}" for n in os.listdir(mirror_dir / subdir / "shards")}
             cache = previous.get(subdir)
-            shard_set = shard_sets[subdir] = render_shards(
-                subdir, by_subdir.get(subdir, []), cache=cache if isinstance(cache, dict) else None,
-                on_disk=on_disk)
+            plan = plans[subdir] = plan_shards(subdir, by_subdir.get(subdir, []),
+                                               cache=cache if isinstance(cache, dict) else None,
+                                               on_disk=on_disk)
             src = self.index.subdirs[subdir]
             fingerprints[subdir] = _fingerprint(
                 WRITER_VERSION, orjson.dumps({k: bytes(v).decode() for k, v in src.info.items()}),
                 orjson.dumps(sorted(src.removed)),
-                *(f"{name}={key}".encode() for name, (key, _) in shard_set.cache.items()))
+                *(f"{name}={key}".encode() for name, key in plan.keys.items()))
             if _still_published(mirror_dir, subdir, fingerprints[subdir], published.get(subdir)):
                 unchanged.add(subdir)
         fingerprints[""] = _fingerprint(WRITER_VERSION, *(fingerprints[s].encode() for s in subdirs),
                                         orjson.dumps(self.index.channeldata, option=orjson.OPT_SORT_KEYS))
         if _still_published(mirror_dir, "", fingerprints[""], published.get("")):
             unchanged.add("")
-        self._state = {"shards": {s: shard_sets[s].cache for s in subdirs}}
         self._fingerprints = fingerprints
-        self.shard_counts = (sum(x.encoded for x in shard_sets.values()),
-                             sum(x.reused for x in shard_sets.values()))
+        self.shard_counts = (sum(len(p.misses) for p in plans.values()), sum(p.reused for p in plans.values()))
         self.unchanged = sorted(unchanged)
+        # New shards are yielded as the encoder makes them: the caller writes each while the
+        # next is being encoded.
         for subdir in subdirs:
-            for relpath, data in shard_sets[subdir].new.items():
+            for relpath, data in plans[subdir].encode():
                 yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
+        self._state = {"shards": {s: plans[s].cache for s in subdirs}}
         for subdir in subdirs:
             if subdir not in unchanged:
-                yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", shard_sets[subdir].index)
+                yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", plans[subdir].index())
         for subdir in subdirs:
             if subdir not in unchanged:
                 src = self.index.subdirs[subdir]

@@ -24,7 +24,7 @@ from .record import CondaRecord
 from .shards import (compress_shards, encode_shard_index, pack_shard_source,
                      shard_digest, shard_relpath, shard_source)
 
-__all__ = ["Repodata", "ShardSet", "render_repodata", "render_channeldata", "compress_zst",
+__all__ = ["Repodata", "ShardPlan", "ShardSet", "plan_shards", "render_repodata", "render_channeldata", "compress_zst",
            "render_shards"]
 
 ZSTD_LEVEL: Final = 3  # what conda-index and the naive baseline use; fast and ~10x smaller
@@ -107,55 +107,81 @@ class ShardSet:
     reused: int = 0
 
 
-def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence[str] = (), *,
-                  cache: Mapping[str, Sequence[str]] | None = None,
-                  on_disk: Container[str] = frozenset(), workers: int | None = None) -> ShardSet:
+@dataclass
+class ShardPlan:
+    """One subdir's shards, planned: every name's content key (a hash over each record's file
+    name and raw JSON), the names whose shard from last run is still good, and the names to
+    encode. :meth:`encode` yields the new shards as they are made, so they can be written while
+    the rest are still being encoded; :meth:`index` comes after."""
+
+    subdir: str
+    keys: dict[str, str]                                   # name -> content key hex
+    digests: dict[str, bytes]                              # name -> shard digest (known so far)
+    misses: list[tuple[str, list[CondaRecord]]]            # names to encode, with their records
+    reused: int = 0
+
+    @property
+    def cache(self) -> dict[str, tuple[str, str]]:
+        return {name: (self.keys[name], self.digests[name].hex()) for name in self.digests}
+
+    def encode(self, workers: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """(relpath inside the subdir, shard bytes) for each name to encode. When there are
+        many records to encode (a first run), worker processes encode them on every core."""
+        def sources() -> Iterator[bytes]:
+            for _, group in self.misses:
+                yield shard_source({r.fn: r.raw for r in group if not r.is_conda},
+                                   {r.fn: r.raw for r in group if r.is_conda})
+
+        if workers is None:
+            count = sum(len(group) for _, group in self.misses)
+            workers = _cores() if count >= POOL_MIN_RECORDS else 1
+        for (name, _), shard in zip(self.misses, _encode(sources(), workers)):
+            digest = shard_digest(shard)
+            self.digests[name] = digest
+            yield shard_relpath(digest), shard
+
+    def index(self) -> bytes:
+        return encode_shard_index(self.subdir, {name: self.digests[name] for name in sorted(self.digests)})
+
+
+def plan_shards(subdir: str, records: Iterable[CondaRecord], *,
+                cache: Mapping[str, Sequence[str]] | None = None,
+                on_disk: Container[str] = frozenset()) -> ShardPlan:
     """CEP-16: one shard per package name, and the index naming each shard by its hash.
 
     Encoding a shard means decoding each record to turn its hex digests into bytes, the one
     costly step in the whole index build. A name whose records are byte-for-byte what they were
-    last run (its content key: a hash over each record's file name and raw JSON) keeps last
-    run's shard, provided that file is still ``on_disk``; only changed names are encoded again.
-    When many are (a first run), worker processes encode them on every core.
+    last run (same content key) keeps last run's shard, provided that file is still ``on_disk``;
+    only changed names are encoded again.
     """
     groups: dict[str, list[CondaRecord]] = defaultdict(list)
     for record in records:
         groups[record.name].append(record)
     cache = cache or {}
-    out = ShardSet(b"", {}, {})
-    digests: dict[str, bytes] = {}
-    misses: list[tuple[str, str, list[CondaRecord]]] = []
+    plan = ShardPlan(subdir, {}, {}, [])
     for name in sorted(groups):
         group = sorted(groups[name], key=_by_fn)
         parts: list[Any] = [SHARD_ENCODING]
         for record in group:
             parts += (b"c" if record.is_conda else b"t", record.fn.encode(), record.raw)
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()
+        key = plan.keys[name] = hashlib.sha256(b"\0".join(parts)).hexdigest()
         hit = cache.get(name)
         if hit is not None and len(hit) == 2 and hit[0] == key and _is_sha256_hex(hit[1]) \
                 and shard_relpath(bytes.fromhex(hit[1])) in on_disk:
-            digests[name] = bytes.fromhex(hit[1])
-            out.cache[name] = (key, hit[1])
-            out.reused += 1
+            plan.digests[name] = bytes.fromhex(hit[1])
+            plan.reused += 1
         else:
-            misses.append((name, key, group))
+            plan.misses.append((name, group))
+    return plan
 
-    def sources() -> Iterator[bytes]:
-        for _, _, group in misses:
-            yield shard_source({r.fn: r.raw for r in group if not r.is_conda},
-                               {r.fn: r.raw for r in group if r.is_conda})
 
-    count = sum(len(group) for _, _, group in misses)
-    if workers is None:
-        workers = _cores() if count >= POOL_MIN_RECORDS else 1
-    for (name, key, _), shard in zip(misses, _encode(sources(), workers)):
-        digest = shard_digest(shard)
-        digests[name] = digest
-        out.new[shard_relpath(digest)] = shard
-        out.cache[name] = (key, digest.hex())
-    out.encoded = len(misses)
-    out.index = encode_shard_index(subdir, {name: digests[name] for name in sorted(digests)})
-    return out
+def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence[str] = (), *,
+                  cache: Mapping[str, Sequence[str]] | None = None,
+                  on_disk: Container[str] = frozenset(), workers: int | None = None) -> ShardSet:
+    """:func:`plan_shards` and every shard encoded, in one go."""
+    plan = plan_shards(subdir, records, cache=cache, on_disk=on_disk)
+    new = dict(plan.encode(workers))
+    return ShardSet(plan.index(), new, plan.cache, encoded=len(plan.misses), reused=plan.reused)
 
 
 # Below this many records to encode, starting worker processes costs more than it saves.
