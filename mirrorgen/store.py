@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -218,13 +219,25 @@ class Store:
 
     # -- group commit (downloads) ----------------------------------------------------------------
 
-    def open_temp(self, final: Path) -> tuple[Path, int]:
+    def open_temp(self, final: Path, *, parent_exists: bool = False) -> tuple[Path, int]:
         """A new temporary file next to ``final`` (named as :meth:`temp_file` names it), as a raw
         file descriptor for writes from a worker thread. The caller closes it, then either hands
-        the name to :meth:`publish_temps` or unlinks it."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
-        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        the name to :meth:`publish_temps` or unlinks it. ``parent_exists``: the caller has seen
+        the directory already (one system call instead of three; made again if it is gone)."""
+        if not parent_exists:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            # Unique per process by the counter (no urandom call per file); O_EXCL settles the rest.
+            tmp = final.parent / f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}-{final.name}"[:_MAX_PART]
+            try:
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                if not parent_exists:
+                    raise
+                final.parent.mkdir(parents=True, exist_ok=True)
+                parent_exists = False
 
     def publish_temps(self, items: Sequence[tuple[Path | None, Path]]) -> None:
         """Group commit of closed temporary files (``(tmp, final)`` pairs): one filesystem sync
@@ -271,6 +284,8 @@ class Store:
 
 
 _LIBC: Any = None
+_TEMP_RUN: Final = secrets.token_hex(4)
+_TEMP_COUNTER: Final = itertools.count()
 
 
 def _sync_filesystem(path: Path) -> None:

@@ -191,24 +191,33 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
     """Write the index files in the order the channel gives them. Runs of new immutable files
     (shards) are written as one batch: one filesystem sync for all of them, before anything that
     names them is published."""
-    batch: list[tuple[Path, bytes]] = []
     state = store.read_state(mirror.name, "index-cache.json")
-    for index_file in channel.render(publish, store.mirror_dir(mirror.name), state):
+    files = iter(channel.render(publish, store.mirror_dir(mirror.name), state))
+    after_batch: list[Any] = []
+
+    def immutables(first: Any) -> Iterator[tuple[Path, bytes]]:
+        # Consecutive new immutable files, pulled from the channel as it makes them (so each is
+        # written while the next is being encoded); the first other file is kept for the caller.
+        yield store.resolve(mirror.name, first.relpath), first.data
+        for item in files:
+            if not item.immutable:
+                after_batch.append(item)
+                return
+            yield store.resolve(mirror.name, item.relpath), item.data
+
+    for index_file in files:
+        while index_file is not None and index_file.immutable:
+            result.index_files += store.write_batch(immutables(index_file))
+            index_file = after_batch.pop() if after_batch else None
+        if index_file is None:
+            break
         path = store.resolve(mirror.name, index_file.relpath)
-        if index_file.immutable:
-            batch.append((path, index_file.data))
-            continue
-        if batch:
-            result.index_files += store.write_batch(batch)
-            batch = []
         if index_file.zst_twin:
             store.write_with_zst(path, index_file.data.chunks(), index_file.data.size)
             result.index_files += 2
         else:
             store.write_atomic(path, index_file.data)
             result.index_files += 1
-    if batch:
-        result.index_files += store.write_batch(batch)
 
 
 def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
@@ -233,6 +242,9 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     for item in todo:
         queue.put_nowait(item)
     progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
+    # Which of them are on disk already, from one listing per directory off the loop: a stat per
+    # file on the loop would wait for the directory lock the download threads' creates hold.
+    on_disk = await asyncio.to_thread(_names_on_disk, {path.parent for _, _, path in todo})
 
     def published(batch: list[tuple[Any, Staged]]) -> None:
         for (relpath, rehashed), staged in batch:
@@ -255,7 +267,7 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
                 progress.advance(0)
                 continue
             try:
-                if path.exists():
+                if (path.parent, path.name) in on_disk:
                     # On disk but not in the manifest (a run killed before it recorded the file):
                     # hash it instead of fetching it again.
                     entry = await asyncio.to_thread(_hash_existing, path, size, sha256, md5)
@@ -281,8 +293,23 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
         progress.close()
 
 
+def _names_on_disk(dirs: set[Path]) -> set[tuple[Path, str]]:
+    """``(directory, name)`` of every entry in ``dirs`` (missing directories have none)."""
+    out: set[tuple[Path, str]] = set()
+    for directory in dirs:
+        try:
+            with os.scandir(directory) as entries:
+                out.update((directory, entry.name) for entry in entries)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return out
+
+
 def _hash_existing(path: Path, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
     if size is not None and st.st_size != size:
         return None
     got_sha, got_md5 = hash_file(path)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
+import functools
 import http.client
+import hashlib
 import os
 import queue
 import random
@@ -45,7 +46,7 @@ __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "local_path"]
 CHUNK: Final = 1 << 18
 # What a download thread receives, hashes and writes at once: hashing and writing release the GIL
 # for the whole of it, so the Python between them costs nothing next to the work.
-BUFFER: Final = 1 << 18
+BUFFER: Final = 1 << 20
 _RETRY_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS: Final = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS: Final = 10
@@ -54,6 +55,7 @@ _CONNECT_TIMEOUT: Final = 30.0
 _USER_AGENT: Final = "mirrorgen/0.1"
 # Characters left as they are in a request path (RFC 3986 pchar and "/"; "%" keeps escapes).
 _PATH_SAFE: Final = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE: Final = _PATH_SAFE + "?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,6 @@ class Transport:
         self._lanes: list[_Lane] = []
         self._free: list[_Lane] = []
         self._lane_waiters: deque[asyncio.Future[_Lane]] = deque()
-        self._ssl: ssl.SSLContext | None = None
 
     async def __aenter__(self) -> Transport:
         connector = aiohttp.TCPConnector(limit=max(self.concurrency * 2, 8), ttl_dns_cache=300)
@@ -119,9 +120,12 @@ class Transport:
         """Yield attempt numbers, sleeping with exponential backoff and jitter between them."""
         for attempt in range(self.retries + 1):
             if attempt:
-                delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF)
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                await self._backoff(attempt)
             yield attempt
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF)
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
     async def get(self, url: str, *, limit: int = 4 << 30) -> bytes | None:
         """The whole body, or None if upstream says the file does not exist (404/410, no file)."""
@@ -177,7 +181,9 @@ class Transport:
         the run reports it)."""
         path = local_path(url)
         last = "no attempt"
-        async for _ in self._attempts(url):
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await self._backoff(attempt)
             try:
                 if path is not None:
                     return await asyncio.to_thread(_copy_local, url, path, final, store, size,
@@ -204,9 +210,7 @@ class Transport:
             return self._free.pop()
         loop = asyncio.get_running_loop()
         if len(self._lanes) < max(self.concurrency, 1):
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()  # what aiohttp verifies against, too
-            lane = _Lane(loop, self.timeout, self._ssl)
+            lane = _Lane(loop, self.timeout)
             self._lanes.append(lane)
             return lane
         waiter = loop.create_future()
@@ -391,10 +395,11 @@ class _Lane:
     to verified temporary file, over HTTP/1.1 connections it keeps alive (one per host).
     A lane is held by one download at a time (:meth:`Transport._lane`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, ssl_context: ssl.SSLContext) -> None:
-        self.loop, self.timeout, self.ssl_context = loop, timeout, ssl_context
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop, self.timeout = loop, timeout
         self.conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
         self.buf = memoryview(bytearray(BUFFER))
+        self.dirs: set[Path] = set()
         self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
                                             asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._work, name="mirrorgen-download", daemon=True)
@@ -450,7 +455,7 @@ class _Lane:
 
     def _receive(self, job: _Job, resp: http.client.HTTPResponse) -> Staged:
         size, buf = job.size, self.buf
-        sink = _Sink(job.store, job.final, job.hasher)
+        sink = _Sink(job.store, job.final, job.hasher, self.dirs)
         try:
             sink.open()
             got = 0
@@ -483,11 +488,12 @@ class _Lane:
         for _ in range(_MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             scheme = parts.scheme.lower()
-            host = parts.hostname or ""
-            key = (scheme, host, parts.port or (443 if scheme == "https" else 80))
+            if scheme not in ("http", "https") or not parts.hostname:
+                raise UpstreamError(redact(job.url), f"cannot fetch {redact(url)}")
+            key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
             target = quote(parts.path or "/", safe=_PATH_SAFE)
             if parts.query:
-                target += "?" + parts.query
+                target += "?" + quote(parts.query, safe=_QUERY_SAFE)
             headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
             if parts.username is not None or parts.password is not None:
                 user = unquote(parts.username or "") + ":" + unquote(parts.password or "")
@@ -531,12 +537,16 @@ class _Lane:
         scheme, host, port = key
         conn: http.client.HTTPConnection
         if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=_CONNECT_TIMEOUT, context=self.ssl_context)
+            conn = http.client.HTTPSConnection(host, port, timeout=_CONNECT_TIMEOUT, context=_ssl_context())
         else:
             conn = http.client.HTTPConnection(host, port, timeout=_CONNECT_TIMEOUT)
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(self.timeout)  # then as aiohttp's sock_read: per read, not per file
+        try:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(self.timeout)  # then as aiohttp's sock_read: per read, not per file
+        except BaseException:
+            conn.close()
+            raise
         self.conns[key] = conn
         return conn
 
@@ -544,6 +554,13 @@ class _Lane:
         conn = self.conns.pop(key, None)
         if conn is not None:
             conn.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """The system's trust store and defaults (what aiohttp verifies against too); made once, on
+    the first https download, shared by every thread."""
+    return ssl.create_default_context()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -560,13 +577,19 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class _Sink:
     """One download's temporary file and hashes (used from one thread)."""
 
-    def __init__(self, store: Store, final: Path, hasher: _Hasher) -> None:
-        self.store, self.final, self.hasher = store, final, hasher
+    def __init__(self, store: Store, final: Path, hasher: _Hasher, dirs: set[Path] | None = None) -> None:
+        self.store, self.final, self.hasher, self.dirs = store, final, hasher, dirs
         self.tmp: Path | None = None
         self.fd = -1
 
     def open(self) -> None:
-        self.tmp, self.fd = self.store.open_temp(self.final)
+        """Create the temporary file; ``dirs``: directories known to exist, shared by the calls of
+        one thread, so that a directory is made (and checked) once, not once per file."""
+        parent = self.final.parent
+        known = self.dirs is not None and parent in self.dirs
+        self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known)
+        if self.dirs is not None and not known:
+            self.dirs.add(parent)
 
     def write(self, data: memoryview) -> None:
         self.hasher.update(data)
