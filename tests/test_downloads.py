@@ -1,0 +1,296 @@
+"""Package downloads: fetched by the download threads, verified, published by group commit.
+
+What must hold whatever happens: nothing partial or unverified under a final name; a file is in the
+manifest only once it is durable under its final name; a killed run leaves at most temporary files,
+and the next run neither fetches again what was committed nor trusts what was not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from mirrorgen.errors import SizeMismatch, UpstreamError
+from mirrorgen.store import TEMP_PREFIX, Manifest, Store
+from mirrorgen.sync import sync_mirror
+from mirrorgen.transport import GroupCommit, Transport
+from mirrorgen.verify import verify_mirror
+
+
+def packages(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and p.name.endswith((".conda", ".tar.bz2")) and not p.name.startswith(TEMP_PREFIX)}
+
+
+def temps(root: Path) -> list[Path]:
+    return list(root.rglob(f"{TEMP_PREFIX}*"))
+
+
+def journal(config) -> list[str]:  # type: ignore[no-untyped-def]
+    path = config.root / ".mirrorgen" / "conda-demo" / "manifest.journal"
+    return [orjson.loads(line)[1] for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+async def killed_sync(config, when: str) -> int:  # type: ignore[no-untyped-def]
+    """``mirrorgen sync`` in a subprocess that SIGKILLs itself at the first group commit:
+    ``before`` it makes anything durable or renames it, or ``after`` the renames but before the
+    manifest records the batch. The test's loop keeps serving the upstream meanwhile."""
+    code = f"""
+import os, signal, sys
+from mirrorgen.store import Store
+original = Store.publish_temps
+def publish_temps(self, items):
+    if {when!r} == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, items)
+    os.kill(os.getpid(), signal.SIGKILL)
+Store.publish_temps = publish_temps
+from mirrorgen.cli import main
+sys.exit(main(["sync", "-c", {str(config.path)!r}, "--quiet"]))
+"""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code,
+                                                stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(proc.wait(), 120)
+
+
+def package_requests(upstream, since: int) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r.split("/demo/", 1)[1] for r in upstream.control.requests[since:]
+            if r.endswith((".conda", ".tar.bz2"))]
+
+
+async def test_a_run_killed_between_download_and_commit_publishes_and_records_nothing(
+        upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    assert await killed_sync(config, "before") == -9
+    mirror = config.root / "conda-demo"
+    # Downloaded and verified, but never committed: under temporary names only, and unrecorded.
+    assert packages(mirror) == set() and temps(mirror)
+    assert journal(config) == []
+
+    before = len(upstream.control.requests)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    # The temporary files were not trusted: every file fetched again.
+    assert (result.downloaded, result.reused, result.rehashed, result.failed) == (8, 0, 0, {})
+    assert len(package_requests(upstream, before)) == 8
+    assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
+
+
+async def test_a_run_killed_after_the_renames_but_before_recording_rehashes_instead_of_fetching(
+        upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    assert await killed_sync(config, "after") == -9
+    mirror = config.root / "conda-demo"
+    committed = packages(mirror)
+    assert committed and journal(config) == []
+    for relpath in committed:  # whatever is under a final name is complete and upstream's
+        assert (mirror / relpath).read_bytes() == (upstream.root / "demo" / relpath).read_bytes()
+
+    before = len(upstream.control.requests)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {} and result.rehashed == len(committed)
+    assert result.downloaded == 8 - len(committed)
+    assert not set(package_requests(upstream, before)) & committed
+    assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
+
+
+async def test_a_file_failing_verification_leaves_the_rest_of_its_batch_committed(
+        upstream, write_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = f"linux-64/{upstream.files('linux-64')[0]}"
+    upstream.control.corrupt.add(f"demo/{bad}")
+    batches: list[int] = []
+    original = Store.publish_temps
+
+    def publish_temps(self: Store, items):  # type: ignore[no-untyped-def]
+        batches.append(len(items))
+        original(self, items)
+
+    monkeypatch.setattr(Store, "publish_temps", publish_temps)
+    config = write_config(upstream.channel_url)
+    store = Store(config.root)
+    result = await sync_mirror(config, config.mirrors[0], store, progress=False)
+    assert list(result.failed) == [bad] and "sha256 mismatch" in result.failed[bad]
+    assert result.downloaded == 7
+    # Group commit: the seven were published in fewer syncs than files, the bad one in none.
+    assert sum(batches) == 7 and len(batches) < 7
+    mirror = config.root / "conda-demo"
+    assert bad not in packages(mirror) and len(packages(mirror)) == 7 and not temps(mirror)
+    entries = Manifest(store, "conda-demo").load().entries
+    assert set(entries) == packages(mirror)
+
+
+# -- the download threads against a hand-made upstream ---------------------------------------
+
+BLOB = os.urandom(3 * (1 << 20) + 12345)   # larger than a thread's buffer: several reads
+SMALL = os.urandom(70_000)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+async def odd_upstream(aiohttp_server):  # type: ignore[no-untyped-def]
+    """An upstream that redirects, chunks, lies about sizes, cuts connections and stalls."""
+    hits: Counter[str] = Counter()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        kind, name = request.match_info["kind"], request.match_info["name"]
+        hits[request.path] += 1
+        body = BLOB if name == "blob" else SMALL
+        if kind == "plain":
+            return web.Response(body=body)
+        if kind == "redirect":
+            raise web.HTTPFound(f"/plain/{name}")
+        if kind == "redirect-loop":
+            raise web.HTTPFound(f"/redirect-loop/{name}")
+        if kind == "chunked":
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(body), 100_000):
+                await resp.write(body[i:i + 100_000])
+            await resp.write_eof()
+            return resp
+        if kind == "long":
+            return web.Response(body=body + b"tail")
+        if kind in ("cut", "stall"):
+            if kind == "stall" or hits[request.path] == 1:
+                resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
+                await resp.prepare(request)
+                await resp.write(body[:len(body) // 2])
+                if kind == "stall":
+                    await asyncio.sleep(30)
+                assert request.transport is not None
+                request.transport.close()  # cut short: fewer bytes than Content-Length
+                return resp
+            return web.Response(body=body)
+        if kind == "rude":
+            # Keep-alive announced, then the connection closed anyway once the response is out.
+            resp = web.Response(body=body)
+            await resp.prepare(request)
+            await resp.write_eof()
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        raise web.HTTPNotFound()
+
+    app = web.Application()
+    app.router.add_get("/{kind}/{name}", handler)
+    app.router.add_get("/t/{token}/{kind}/{name}", handler)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/"), hits
+
+
+async def fetch(url: str, tmp_path: Path, data: bytes, *, size: int | None = -1, retries: int = 2):  # type: ignore[no-untyped-def]
+    store = Store(tmp_path / "root")
+    final = tmp_path / "root" / "m" / "noarch" / "pkg-1.0-0.conda"
+    async with Transport(retries=retries, backoff=0.01) as transport:
+        verified = await transport.download(url, final, store, size=len(data) if size == -1 else size,
+                                            sha256=sha(data), md5=None)
+    return final, verified
+
+
+@pytest.mark.parametrize("kind", ["plain", "redirect", "chunked"])
+async def test_download_verifies_and_publishes(odd_upstream, tmp_path: Path, kind: str) -> None:
+    base, _ = odd_upstream
+    final, verified = await fetch(f"{base}/{kind}/blob", tmp_path, BLOB)
+    assert final.read_bytes() == BLOB and verified.bytes_downloaded == len(BLOB)
+    assert verified.entry.sha256 == sha(BLOB) and verified.entry.mtime_ns == final.stat().st_mtime_ns
+    assert not temps(tmp_path)
+
+
+async def test_a_body_longer_than_the_index_says_is_refused_and_not_retried(odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    with pytest.raises(SizeMismatch, match=f"expected {len(BLOB)} bytes"):
+        await fetch(f"{base}/long/blob", tmp_path, BLOB)
+    assert hits["/long/blob"] == 1
+    # Without a size in the index, the hash catches it.
+    with pytest.raises(Exception, match="sha256 mismatch"):
+        await fetch(f"{base}/long/small", tmp_path, SMALL, size=None)
+    assert not temps(tmp_path) and not (tmp_path / "root" / "m" / "noarch" / "pkg-1.0-0.conda").exists()
+
+
+async def test_a_connection_cut_mid_body_is_retried(odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    final, _ = await fetch(f"{base}/cut/blob", tmp_path, BLOB)
+    assert final.read_bytes() == BLOB and hits["/cut/blob"] == 2 and not temps(tmp_path)
+
+
+async def test_connections_closed_by_upstream_between_requests_are_reopened(odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    store = Store(tmp_path / "root")
+    async with Transport(retries=0, concurrency=1) as transport:
+        for i in range(5):
+            final = tmp_path / "root" / "m" / f"pkg-{i}.conda"
+            await transport.download(f"{base}/rude/small", final, store, size=len(SMALL),
+                                     sha256=sha(SMALL), md5=None)
+            assert final.read_bytes() == SMALL
+    assert hits["/rude/small"] == 5
+
+
+async def test_http_errors_name_the_url_without_its_token(odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    with pytest.raises(UpstreamError) as info:
+        await fetch(f"{base}/t/SECRET-42/missing/small", tmp_path, SMALL)
+    assert "HTTP 404" in str(info.value) and "SECRET-42" not in str(info.value) and "<TOKEN>" in str(info.value)
+    assert hits["/t/SECRET-42/missing/small"] == 1  # not retried
+    with pytest.raises(UpstreamError, match="redirects"):
+        await fetch(f"{base}/redirect-loop/small", tmp_path, SMALL)
+    assert not temps(tmp_path)
+
+
+async def test_a_cancelled_download_leaves_no_file(odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    store = Store(tmp_path / "root")
+    final = tmp_path / "root" / "m" / "pkg.conda"
+    async with Transport() as transport:
+        task = asyncio.ensure_future(transport.fetch(f"{base}/stall/blob", final, store, size=len(BLOB),
+                                                     sha256=sha(BLOB), md5=None))
+        for _ in range(200):
+            if temps(tmp_path):
+                break
+            await asyncio.sleep(0.02)
+        assert temps(tmp_path)  # receiving
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # Leaving the transport waits for its threads, which remove what they were writing.
+    assert not temps(tmp_path) and not final.exists()
+
+
+async def test_group_commit_left_with_an_error_removes_what_it_had_not_published(
+        odd_upstream, tmp_path: Path) -> None:
+    base, _ = odd_upstream
+    store = Store(tmp_path / "root")
+    published: list[str] = []
+    async with Transport() as transport:
+        staged = [await transport.fetch(f"{base}/plain/small", tmp_path / "root" / "m" / f"p{i}.conda", store,
+                                        size=len(SMALL), sha256=sha(SMALL), md5=None) for i in range(3)]
+        assert len(temps(tmp_path)) == 3
+        with pytest.raises(RuntimeError, match="boom"):
+            async with GroupCommit(store, lambda batch: published.extend(k for k, _ in batch),
+                                   max_delay=60) as commits:
+                for i, item in enumerate(staged):
+                    commits.add(f"p{i}", item)
+                raise RuntimeError("boom")
+    assert published == [] and not temps(tmp_path) and not list((tmp_path / "root" / "m").glob("p*.conda"))
+
+    # Left normally, it publishes what is waiting, then records it.
+    async with Transport() as transport:
+        item = await transport.fetch(f"{base}/plain/small", tmp_path / "root" / "m" / "q.conda", store,
+                                     size=len(SMALL), sha256=sha(SMALL), md5=None)
+        async with GroupCommit(store, lambda batch: published.extend(k for k, _ in batch),
+                               max_delay=60) as commits:
+            commits.add("q", item)
+            assert published == []
+    assert published == ["q"] and (tmp_path / "root" / "m" / "q.conda").read_bytes() == SMALL
+    assert not temps(tmp_path)
