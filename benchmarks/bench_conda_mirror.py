@@ -144,17 +144,39 @@ def _conda_mirror(exe: Path, url: str, work: Path, expected: list[str]) -> tuple
     return m, _check("conda-mirror", target / SUBDIR, expected)
 
 
+def _curl(url: str, work: Path, expected: list[str], repeat: int) -> tuple[Measured, int]:
+    """curl fetching the same files with mirrorgen's default concurrency: no checks, no index."""
+    from .bench_download import _curl_config, default_concurrency
+
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("curl not found")
+    out = work / "curl-root"
+    cfg = _curl_config(work / "conda-mirror-curl.txt", url, out, [f"{SUBDIR}/{fn}" for fn in expected])
+    best: Measured | None = None
+    for _ in range(max(1, repeat)):
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+        m = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs", "--parallel",
+                     "--parallel-max", str(default_concurrency()), "--config", str(cfg)])
+        best = m if best is None or m.wall < best.wall else best
+    assert best is not None
+    return best, len(list((out / SUBDIR).iterdir()))
+
+
 def _mirrorgen(build: Mirrorgen, url: str, work: Path, expected: list[str],
-               repeat: int) -> tuple[Measured, int]:
+               repeat: int, mode: str = "active") -> tuple[Measured, int]:
     best: Measured | None = None
     files = 0
     for _ in range(max(1, repeat)):
         root = work / "mirrorgen-root"
         shutil.rmtree(root, ignore_errors=True)
+        os.sync()
         cfg = write_config(work / "conda-mirror-bench.yaml", root, {NAME: {
-            "type": "conda", "mode": "active", "source": url, "subdirs": [SUBDIR]}})
+            "type": "conda", "mode": mode, "source": url, "subdirs": [SUBDIR]}})
         m = build.run("sync", "-c", str(cfg), "--quiet")
-        files = _check(f"mirrorgen {build.label}", root / NAME / SUBDIR, expected)
+        if mode == "active":
+            files = _check(f"mirrorgen {build.label}", root / NAME / SUBDIR, expected)
         best = m if best is None or m.wall < best.wall else best
     assert best is not None
     return best, files
@@ -191,6 +213,15 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int,
                 m, files = _mirrorgen(build, url[n], work, chans[n][1], repeat)
                 table.add(run=label(f"mirrorgen {build.label}", n), wall_s=m.wall, rss_mib=mib(m.rss),
                           speedup=cm.wall / m.wall if n == cm_count else "-", files=files)
+        # Context, not the same job: what bounds any active mirror (fetching the files, nothing
+        # checked or indexed), and mirrorgen's index work alone (passive mode, no downloads).
+        c, files = _curl(url[cm_count], work, chans[cm_count][1], repeat)
+        table.add(run=label("context: curl --parallel, downloads only", cm_count), wall_s=c.wall,
+                  rss_mib=mib(c.rss), speedup=cm.wall / c.wall, files=files)
+        for build in builds:
+            m, _ = _mirrorgen(build, url[cm_count], work, chans[cm_count][1], repeat, mode="passive")
+            table.add(run=label(f"context: mirrorgen {build.label}, passive (index only)", cm_count),
+                      wall_s=m.wall, rss_mib=mib(m.rss), speedup=cm.wall / m.wall, files=0)
     floor = _harness_rss()
     if not getattr(common, "_GNU_TIME", None) and any(row["rss_mib"] <= mib(floor) for row in table.rows):
         table.title += (f". NOTE: the harness's own peak RSS ({mib(floor):.0f} MiB) is a floor on every "
