@@ -247,15 +247,25 @@ class Store:
 
         ``tmp`` None: a file already under its final name (found on disk, re-hashed): it gets
         the same sync and directory fsync, so whatever is recorded afterwards is durable too.
-        Several filesystems (a subdirectory mounted elsewhere) get one sync each."""
+        Several filesystems (a subdirectory mounted elsewhere) get one sync each. A batch of a
+        few files (downloads trickling in) gets an fsync per file instead: a filesystem sync
+        would also wait for every other writer's dirty pages."""
         if not items:
             return
         parents = {final.parent for _, final in items}
-        devices: dict[int, Path] = {}
-        for parent in parents:
-            devices.setdefault(os.stat(parent).st_dev, parent)
-        for parent in devices.values():
-            _sync_filesystem(parent)
+        if len(items) <= _FSYNC_FILES_MAX:
+            for tmp, final in items:
+                fd = os.open(tmp if tmp is not None else final, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        else:
+            devices: dict[int, Path] = {}
+            for parent in parents:
+                devices.setdefault(os.stat(parent).st_dev, parent)
+            for parent in devices.values():
+                _sync_filesystem(parent)
         for tmp, final in items:
             if tmp is not None:
                 os.replace(tmp, final)
@@ -286,6 +296,7 @@ class Store:
 _LIBC: Any = None
 _TEMP_RUN: Final = secrets.token_hex(4)
 _TEMP_COUNTER: Final = itertools.count()
+_FSYNC_FILES_MAX: Final = 4  # publish_temps: up to this many files, fsync each; more, sync the fs
 
 
 def _sync_filesystem(path: Path) -> None:

@@ -238,13 +238,10 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
     waits under its temporary name until a batch of them is made durable by one filesystem sync
     and renamed; only then is it recorded in the manifest (see :class:`GroupCommit`)."""
-    # Largest first: the run does not end with one thread on a big file while the others idle.
-    sizes = [channel.expected(record)[0] or 0 for record, _, _ in todo]
-    order = sorted(range(len(todo)), key=sizes.__getitem__, reverse=True)
     queue: asyncio.Queue[tuple[Any, str, Path]] = asyncio.Queue()
-    for i in order:
-        queue.put_nowait(todo[i])
-    progress.start(len(todo), sum(sizes))
+    for item in todo:
+        queue.put_nowait(item)
+    progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
     # Which of them are on disk already, from one listing per directory off the loop: a stat per
     # file on the loop would wait for the directory lock the download threads' creates hold.
     on_disk = await asyncio.to_thread(_names_on_disk, {path.parent for _, _, path in todo})
