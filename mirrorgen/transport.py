@@ -535,7 +535,7 @@ class _Lane:
                 self._drop(key)
                 if job.cancelled:
                     raise _Cancelled() from None
-                if fresh:
+                if fresh or not isinstance(exc, ConnectionError):  # RemoteDisconnected is one
                     raise _Retry(_describe(exc)) from None
                 # A kept-alive connection upstream had closed meanwhile: once more, on a new one.
         raise AssertionError("unreachable")
