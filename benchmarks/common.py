@@ -120,7 +120,9 @@ class Mirrorgen:
     pythonpath: Path
 
     def cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-c", "import sys; from mirrorgen.cli import main; sys.exit(main())", *args]
+        # -P: no current directory on sys.path, so PYTHONPATH decides which checkout is imported
+        # (run from this checkout, "-c" would otherwise import it for the "before" build too).
+        return [sys.executable, "-P", "-c", "import sys; from mirrorgen.cli import main; sys.exit(main())", *args]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.pythonpath), "NO_COLOR": "1", "TERM": "dumb"}

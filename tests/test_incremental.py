@@ -192,3 +192,19 @@ def test_depends_with_a_non_string_reads_as_empty_and_the_record_stays_raw() -> 
     index = parse_repodata(data, "noarch", 0, "test://odd")
     (odd,) = index.records
     assert odd.depends == [] and bytes(odd.raw) == record
+
+
+def test_shards_packed_by_msgspec_are_the_bytes_msgpack_would_write() -> None:
+    import msgpack
+
+    from mirrorgen.conda.shards import pack_shard_source, shard_source
+
+    index = real("davhau_intel_linux-64_2023-08-28.json")
+    groups: dict[str, list] = {}
+    for r in index.records:
+        groups.setdefault(r.name, []).append(r)
+    for group in groups.values():
+        source = shard_source({r.fn: r.raw for r in group if not r.is_conda},
+                              {r.fn: r.raw for r in group if r.is_conda})
+        packed = pack_shard_source(source)
+        assert msgpack.packb(msgpack.unpackb(packed, raw=False), use_bin_type=True) == packed

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 import msgpack
+import msgspec
 import orjson
 import zstandard
 
@@ -80,10 +81,15 @@ ARCHIVE_SUFFIXES: Final = (".tar.bz2", ".conda", ".whl")
 _SHA256_SIZE: Final = 32
 
 
+_MSGPACK: Final = msgspec.msgpack.Encoder()
+
+
 def _pack(obj: object) -> bytes:
-    # use_bin_type=True: str -> msgpack str, bytes -> msgpack bin, so CEP-16
-    # digests are bin and all text is str (as rattler_index writes them).
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    # str -> msgpack str, bytes -> msgpack bin, so CEP-16 digests are bin and
+    # all text is str (as rattler_index writes them). msgspec's encoder writes
+    # the same bytes as msgpack.packb(use_bin_type=True) (checked on the real
+    # channels in testdata) at twice the speed; msgpack still decodes.
+    packed: bytes = _MSGPACK.encode(obj)
     return packed
 
 
