@@ -137,10 +137,10 @@ class Store:
             self.commit(tmp, fh, final)
 
     def write_with_zst(self, final: Path, chunks: Iterable[bytes], size: int, *, level: int = 3) -> None:
-        """``final`` and ``final.zst`` from one pass over ``chunks``: each chunk is written and fed
-        to the compressor (whose own threads compress while we go on), so the document is never
-        whole in memory. ``size`` goes into the zstd frame header; it must be exact. The .zst is
-        renamed into place first, the plain file last."""
+        """``final`` and ``final.zst`` (level 3, as conda-index writes) from one pass over
+        ``chunks``: each chunk is written and fed to the compressor (whose own threads compress
+        while we go on), so the document is never whole in memory. ``size`` goes into the zstd
+        frame header; it must be exact. The .zst is renamed into place first, the plain file last."""
         zfinal = final.with_name(final.name + ".zst")
         # threads=-1: zstd's worker threads on every core, outside the GIL.
         compressor = zstandard.ZstdCompressor(level=level, threads=-1)

@@ -17,17 +17,15 @@ from typing import Any, Final
 
 import msgspec
 import orjson
-import zstandard
 
 from ..workers import WorkerPool
 from .record import CondaRecord
 from .shards import (compress_shards, encode_shard_index, pack_shard_source,
                      shard_digest, shard_relpath, shard_source)
 
-__all__ = ["Repodata", "ShardPlan", "ShardSet", "plan_shards", "render_repodata", "render_channeldata", "compress_zst",
+__all__ = ["Repodata", "ShardPlan", "ShardSet", "plan_shards", "render_repodata", "render_channeldata",
            "render_shards"]
 
-ZSTD_LEVEL: Final = 3  # what conda-index and the naive baseline use; fast and ~10x smaller
 # base_url would point clients back upstream; repodata_version is ours to set (top level, 1).
 _DROPPED_INFO_KEYS: Final = frozenset({"base_url", "shards_base_url", "repodata_version"})
 _ENCODER: Final = msgspec.json.Encoder()
@@ -83,11 +81,6 @@ def render_repodata(subdir: str, records: Iterable[CondaRecord], info: dict[str,
 
 def _by_fn(record: CondaRecord) -> str:
     return record.fn
-
-
-def compress_zst(data: bytes) -> bytes:
-    # threads=-1: compress on every core; the frame records the content size for clients.
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).compress(data)
 
 
 # Part of every shard's content key: change it when encode_shard's output changes, and every
@@ -175,7 +168,7 @@ def plan_shards(subdir: str, records: Iterable[CondaRecord], *,
     return plan
 
 
-def render_shards(subdir: str, records: Iterable[CondaRecord], removed: Sequence[str] = (), *,
+def render_shards(subdir: str, records: Iterable[CondaRecord], *,
                   cache: Mapping[str, Sequence[str]] | None = None,
                   on_disk: Container[str] = frozenset(), workers: int | None = None) -> ShardSet:
     """:func:`plan_shards` and every shard encoded, in one go."""
