@@ -146,7 +146,8 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
                 await _fetch_all(mirror, store, channel, transport, manifest, todo, result, progress)
 
         with result.timed("publish"):
-            publish = [r for r in outcome.kept if channel.relpath(r) not in result.failed]
+            publish = ([r for r in outcome.kept if channel.relpath(r) not in result.failed]
+                       if result.failed else outcome.kept)
             await asyncio.to_thread(_publish, store, mirror, channel, publish, result)
             store.write_state(mirror.name, "index-cache.json", channel.state(store.mirror_dir(mirror.name)),
                               indent=False)

@@ -68,7 +68,9 @@ def render_repodata(subdir: str, records: Iterable[CondaRecord], info: dict[str,
     tar, conda = [], []
     for record in sorted(records, key=_by_fn):
         (conda if record.is_conda else tar).append(record)
-    published = {r.fn for r in tar} | {r.fn for r in conda}
+    # `removed` is short; the records are not: test each record against it, not the reverse.
+    removed_set = set(removed)
+    published = {r.fn for group in (tar, conda) for r in group if r.fn in removed_set}
     head = b'{"info":' + _ENCODER.encode(out_info) + b',"packages":{'
     # A file listed in `removed` is hidden by clients: never list one we publish.
     tail = b'},"removed":' + orjson.dumps(sorted(set(removed) - published)) + b',"repodata_version":1}'
@@ -179,7 +181,7 @@ def render_shards(subdir: str, records: Iterable[CondaRecord], *,
 
 # Below this many records to encode, starting worker processes costs more than it saves.
 POOL_MIN_RECORDS: Final = 20_000
-_TASK_BYTES: Final = 1 << 21  # about 2 MB of raw records per task sent to a worker
+_TASK_BYTES: Final = 1 << 19  # about 512 KB of raw records per task: small, so workers stay small
 
 
 def _cores() -> int:
@@ -193,7 +195,7 @@ def _encode(sources: Iterable[bytes], workers: int) -> Iterator[bytes]:
     """Shard files for ``sources`` (shard_source documents), in order.
 
     With one worker: packed here, compressed in batches by zstd's threads. With more: tasks of
-    about 2 MB go to worker processes (mirrorgen.workers), one in flight per worker, so the
+    about 512 KB go to worker processes (mirrorgen.workers), a few in flight per worker, so the
     sources never all sit in memory at once.
     """
     if workers <= 1:
