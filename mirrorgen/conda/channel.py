@@ -146,8 +146,6 @@ class CondaChannel:
         if _still_published(mirror_dir, "", fingerprints[""], published.get("")):
             unchanged.add("")
         self._fingerprints = fingerprints
-        self.shard_counts = (sum(len(p.misses) for p in plans.values()), sum(p.reused for p in plans.values()))
-        self.unchanged = sorted(unchanged)
         # New shards are yielded as the encoder makes them: the caller writes each while the
         # next is being encoded.
         for subdir in subdirs:

@@ -87,22 +87,6 @@ class CondaRecord(msgspec.Struct, gc=False):
             # A checksum of the wrong JSON type is no checksum: active mode then refuses the file.
             return _NO_FACTS
 
-    @property
-    def sha256(self) -> str | None:
-        return self.files.sha256
-
-    @property
-    def md5(self) -> str | None:
-        return self.files.md5
-
-    @property
-    def size(self) -> int | None:
-        return self.files.size
-
-    @property
-    def subdir(self) -> str | None:
-        return self.files.subdir
-
 
 class FileFacts(msgspec.Struct, gc=False):
     sha256: str | None = None

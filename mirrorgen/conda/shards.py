@@ -130,6 +130,7 @@ def _digest(value: object, size: int) -> bytes | None:
     return digest if len(digest) == size else None
 
 
+_BINARY_DIGEST_ITEMS: Final = tuple(BINARY_DIGEST_FIELDS.items())
 _TEXT_DIGEST_ITEMS: Final = tuple(TEXT_DIGEST_FIELDS.items())
 
 
@@ -138,23 +139,16 @@ def _fix_digests(record: dict[str, Any]) -> None:
 
     Left as-is, rattler fails to parse the shard and with it the whole solve (GatewayError
     "failed to parse digest"); without it only this record loses one checksum. Both readers
-    accept an absent or null digest. This runs for every record of every changed name, so it
-    is written out field by field.
+    accept an absent or null digest.
     """
-    value = record.get("sha256")
-    if value is not None:
-        digest = _digest(value, 32)
-        if digest is None:
-            del record["sha256"]
-        else:
-            record["sha256"] = digest
-    value = record.get("md5")
-    if value is not None:
-        digest = _digest(value, 16)
-        if digest is None:
-            del record["md5"]
-        else:
-            record["md5"] = digest
+    for field, size in _BINARY_DIGEST_ITEMS:
+        value = record.get(field)
+        if value is not None:
+            digest = _digest(value, size)
+            if digest is None:
+                del record[field]
+            else:
+                record[field] = digest
     for field, size in _TEXT_DIGEST_ITEMS:  # these stay hex strings, but only well-formed ones
         value = record.get(field)
         if value is not None and _digest(value, size) is None:
