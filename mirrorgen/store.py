@@ -160,7 +160,7 @@ class Store:
         """Many small files at once (new CEP-16 shards): each is written under a temporary name
         (:meth:`open_temp`), then all are published by one group commit (:meth:`publish_temps`):
         the guarantee of :meth:`write_atomic`, at one filesystem sync for the whole batch instead
-        of two fsyncs per file (a cold conda-forge subdir has 30,000 shards)."""
+        of two fsyncs per file (a cold conda-forge subdir has about 30,000 shards)."""
         temps: list[tuple[Path | None, Path]] = []
         parents: set[Path] = set()
         try:
