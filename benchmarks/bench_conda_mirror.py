@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 
 from . import common
-from .common import REPO, Measured, Mirrorgen, Table, mib, measure, serve, write_config
+from .common import REPO, Measured, Mirrorgen, Table, fresh, mib, measure, serve, write_config
 
 CONDA_MIRROR_PIN = "conda-mirror==0.10.*"
 SUBDIR = "linux-64"
@@ -132,7 +132,7 @@ print("\\n".join(set(doc.get("packages") or {}) | set(doc.get("packages.conda") 
 def _conda_mirror(exe: Path, url: str, work: Path, expected: list[str]) -> tuple[Measured, int]:
     target, temp = work / "conda-mirror-target", work / "conda-mirror-tmp"
     for d in (target, temp):
-        shutil.rmtree(d, ignore_errors=True)
+        fresh(d)
     temp.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     m = measure([str(exe), "--upstream-channel", url, "--platform", SUBDIR,
@@ -155,8 +155,7 @@ def _curl(url: str, work: Path, expected: list[str], repeat: int) -> tuple[Measu
     cfg = _curl_config(work / "conda-mirror-curl.txt", url, out, [f"{SUBDIR}/{fn}" for fn in expected])
     best: Measured | None = None
     for _ in range(max(1, repeat)):
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
+        fresh(out)
         m = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs", "--parallel",
                      "--parallel-max", str(default_concurrency()), "--config", str(cfg)])
         best = m if best is None or m.wall < best.wall else best
@@ -170,8 +169,7 @@ def _mirrorgen(build: Mirrorgen, url: str, work: Path, expected: list[str],
     files = 0
     for _ in range(max(1, repeat)):
         root = work / "mirrorgen-root"
-        shutil.rmtree(root, ignore_errors=True)
-        os.sync()
+        fresh(root)
         cfg = write_config(work / "conda-mirror-bench.yaml", root, {NAME: {
             "type": "conda", "mode": mode, "source": url, "subdirs": [SUBDIR]}})
         m = build.run("sync", "-c", str(cfg), "--quiet")

@@ -21,7 +21,6 @@ Goal: mirrorgen >= 0.7x curl's throughput, every file verified.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import orjson
 
 from . import synth
-from .common import Measured, Mirrorgen, Table, measure, mib, serve_nginx, write_config
+from .common import Measured, Mirrorgen, Table, fresh, measure, mib, serve_nginx, write_config
 
 SUBDIRS = ("linux-64", "noarch")
 
@@ -70,13 +69,6 @@ def _warm(up: Path, relpaths: list[str]) -> None:
         with open(up / relpath, "rb") as fh:
             while fh.read(1 << 20):
                 pass
-
-
-def _fresh(path: Path) -> None:
-    """Remove a previous run's output and flush every dirty page, so no run pays for another's
-    writeback."""
-    shutil.rmtree(path, ignore_errors=True)
-    os.sync()
 
 
 def _curl_config(path: Path, base: str, out: Path, relpaths: list[str]) -> Path:
@@ -129,7 +121,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
     with serve_nginx(up, work / "nginx-download") as server:
         cfg = _curl_config(work / "curl-urls.txt", server.base_url, curl_out, relpaths)
         for _ in range(max(1, repeat)):
-            _fresh(curl_out)
+            fresh(curl_out)
             c = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs",
                          "--parallel", "--parallel-max", str(n), "--config", str(cfg)])
             s = measure(["sync"])
@@ -143,7 +135,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
 
             for build in builds:
                 root = work / "mirror-download"
-                _fresh(root)
+                fresh(root)
                 mcfg = write_config(work / "download.yaml", root, {"bench": {
                     "type": "conda", "mode": "active", "source": server.base_url,
                     "subdirs": list(SUBDIRS)}})
@@ -158,7 +150,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
                     raise SystemExit(f"{build.label}: not every file was mirrored")
                 if build.label not in best or m.wall < best[build.label][0].wall:
                     best[build.label] = (m, res)
-        shutil.rmtree(curl_out, ignore_errors=True)
+        fresh(curl_out)
 
     assert curl_best is not None and sync_best is not None
     base_mbs = total / 1e6 / curl_best.wall

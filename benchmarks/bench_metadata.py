@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from . import synth
-from .common import Mirrorgen, Table, best_of, mib, write_config
+from .common import Mirrorgen, Table, best_of, fresh, mib, write_config
 
 LICENSES = ["-gpl3", "-agpl"]
 
@@ -43,12 +43,6 @@ def _config(path: Path, root: Path, source: Path) -> Path:
     return write_config(path, root, {"bench": {
         "type": "conda", "mode": "passive", "source": str(source), "subdirs": ["linux-64"],
         "filters": {"licenses": LICENSES}}})
-
-
-def _fresh(root: Path) -> None:
-    """Remove the last run's mirror and flush the deletion, so the next run is not charged for it."""
-    shutil.rmtree(root, ignore_errors=True)
-    os.sync()
 
 
 def _keys(repodata: Path) -> set[str]:
@@ -75,11 +69,11 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int) -> Ta
             for _ in range(max(1, repeat)):
                 root = work / "mirror"
                 if phase == "cold":
-                    _fresh(root)
+                    fresh(root)
                     cfg = _config(work / "cold.yaml", root, up)
                 else:
                     # Back to the previous state: synced from `up`, then time the sync from `up-next`.
-                    _fresh(root)
+                    fresh(root)
                     build.run("sync", "-c", str(_config(work / "cold.yaml", root, up)), "--quiet")
                     os.sync()
                     cfg = _config(work / "update.yaml", root, up_next)

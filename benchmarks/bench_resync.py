@@ -26,8 +26,8 @@ from typing import Any
 import orjson
 
 from . import synth
-from .common import (Measured, Mirrorgen, Request, Table, access_log_since, best_of, log_size,
-                     mib, serve_nginx, write_config)
+from .common import (Measured, Mirrorgen, Request, Table, access_log_since, best_of, fresh,
+                     log_size, mib, serve_nginx, write_config)
 
 SUBDIRS = ("linux-64", "noarch")
 _INDEX_NAMES = ("repodata.json", "repodata.json.zst", "repodata.json.bz2", "channeldata.json",
@@ -99,7 +99,7 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int = 100_000, repeat: 
         mirrors: list[Path] = []
         for build in builds:
             root = work / "mirror-resync"
-            shutil.rmtree(root, ignore_errors=True)
+            fresh(root)
             cfg = _config(work / "resync.yaml", root, base)
 
             offset = log_size(server.access_log)

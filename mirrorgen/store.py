@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
@@ -137,31 +138,95 @@ class Store:
             self.commit(tmp, fh, final)
 
     def write_with_zst(self, final: Path, chunks: Iterable[bytes], size: int, *, level: int = 3) -> None:
-        """``final`` and ``final.zst`` (level 3, as conda-index writes) from one pass over
+        """``final`` and ``final.zst``, published at once: :meth:`stage_with_zst`, then
+        :meth:`publish_temps` (the .zst is renamed into place first, the plain file last)."""
+        self.publish_temps(self.stage_with_zst(final, chunks, size, level=level))
+
+    def write_batch(self, items: Iterable[tuple[Path, bytes]], *, group: int = 4096) -> int:
+        """Many small files at once (new CEP-16 shards): staged (:meth:`stage_batch`) and
+        published by group commits (:meth:`publish_temps`) of ``group`` files each: the guarantee
+        of :meth:`write_atomic`, at one filesystem sync per group instead of two fsyncs per file
+        (a cold conda-forge subdir has about 30,000 shards). Each group is committed on a second
+        thread while the next is written. The files must not depend on each other's order: when
+        this raises, some groups may be published and the rest are not (no temporary file is
+        left behind)."""
+        it = iter(items)
+        written = 0
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorgen-commit") as pool:
+            commits: list[tuple[concurrent.futures.Future[None], list[tuple[Path, Path]]]] = []
+            try:
+                while temps := self.stage_batch(itertools.islice(it, group)):
+                    commits.append((pool.submit(self.publish_temps, temps), temps))
+                    if len(temps) < group:
+                        break
+                for commit, temps in commits:
+                    commit.result()
+                    written += len(temps)
+            except BaseException:
+                for commit, temps in commits:
+                    with contextlib.suppress(BaseException):
+                        commit.result()
+                    self.discard_temps(temps)
+                raise
+        return written
+
+    # -- staging: written under temporary names now, published by publish_temps later ------------
+    #
+    # A staged file is complete under its temporary name but neither synced nor renamed: the
+    # caller hands the (tmp, final) pairs to publish_temps, which does both in order, or to
+    # discard_temps. Staging lets a run write the files of one batch on several threads at once
+    # and still publish them in the order the tree needs (shards before the index naming them).
+
+    def stage(self, final: Path, data: bytes | Iterable[bytes]) -> tuple[Path, Path]:
+        """``data`` written to a new temporary file next to ``final``: ``(tmp, final)``."""
+        tmp, fd = self.open_temp(final)
+        try:
+            with open(fd, "wb", closefd=True) as fh:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    fh.write(data)
+                else:
+                    for chunk in data:
+                        fh.write(chunk)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp, final
+
+    def stage_with_zst(self, final: Path, chunks: Iterable[bytes], size: int, *,
+                       level: int = 3) -> list[tuple[Path, Path]]:
+        """``final`` and ``final.zst`` (level 3, as conda-index writes) staged from one pass over
         ``chunks``: each chunk is written and fed to the compressor (whose own threads compress
         while we go on), so the document is never whole in memory. ``size`` goes into the zstd
-        frame header; it must be exact. The .zst is renamed into place first, the plain file last."""
+        frame header; it must be exact. Returned in publication order: the .zst first."""
         zfinal = final.with_name(final.name + ".zst")
-        # threads=-1: zstd's worker threads on every core, outside the GIL.
-        compressor = zstandard.ZstdCompressor(level=level, threads=-1)
-        with self.temp_file(final) as (tmp, fh), self.temp_file(zfinal) as (ztmp, zfh):
-            written = 0
-            with compressor.stream_writer(zfh, size=size, closefd=False) as writer:
-                for chunk in chunks:
-                    fh.write(chunk)
-                    writer.write(chunk)
-                    written += len(chunk)
-                if written != size:
-                    raise RuntimeError(f"{final.name}: rendered {written} bytes, announced {size}")
-            self.commit(ztmp, zfh, zfinal)
-            self.commit(tmp, fh, final)
+        temps: list[tuple[Path, Path]] = []
+        try:
+            tmp, fd = self.open_temp(final)
+            temps.append((tmp, final))
+            with open(fd, "wb") as fh:
+                ztmp, zfd = self.open_temp(zfinal, parent_exists=True)
+                temps.insert(0, (ztmp, zfinal))
+                # threads=-1: zstd's worker threads on every core, outside the GIL.
+                compressor = zstandard.ZstdCompressor(level=level, threads=-1)
+                with open(zfd, "wb") as zfh:
+                    written = 0
+                    with compressor.stream_writer(zfh, size=size, closefd=False) as writer:
+                        for chunk in chunks:
+                            fh.write(chunk)
+                            writer.write(chunk)
+                            written += len(chunk)
+                        if written != size:
+                            raise RuntimeError(f"{final.name}: rendered {written} bytes, announced {size}")
+        except BaseException:
+            self.discard_temps(temps)
+            raise
+        return temps
 
-    def write_batch(self, items: Iterable[tuple[Path, bytes]]) -> int:
-        """Many small files at once (new CEP-16 shards): each is written under a temporary name
-        (:meth:`open_temp`), then all are published by one group commit (:meth:`publish_temps`):
-        the guarantee of :meth:`write_atomic`, at one filesystem sync for the whole batch instead
-        of two fsyncs per file (a cold conda-forge subdir has about 30,000 shards)."""
-        temps: list[tuple[Path | None, Path]] = []
+    def stage_batch(self, items: Iterable[tuple[Path, bytes]]) -> list[tuple[Path, Path]]:
+        """Each of ``items`` staged (raw file descriptors, one write each: small files by the
+        thousand). If one fails, those staged so far are removed and the error is raised."""
+        temps: list[tuple[Path, Path]] = []
         parents: set[Path] = set()
         try:
             for final, data in items:
@@ -174,14 +239,18 @@ class Store:
                         view = view[os.write(fd, view):]
                 finally:
                     os.close(fd)
-            self.publish_temps(temps)
-            written, temps = len(temps), []
-        finally:
-            for tmp, _ in temps:  # not published: nothing left behind
-                if tmp is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-        return written
+        except BaseException:
+            self.discard_temps(temps)
+            raise
+        return temps
+
+    @staticmethod
+    def discard_temps(temps: Iterable[tuple[Path | None, Path]]) -> None:
+        """Remove staged files that will not be published (those renamed already are gone)."""
+        for tmp, _ in temps:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def write_state(self, mirror: str | None, name: str, document: Any, *, indent: bool = True) -> None:
         path = self.state_dir(mirror) / name

@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Final
 
@@ -64,14 +63,35 @@ class WorkerPool:
     def __init__(self, workers: int) -> None:
         self.procs = [subprocess.Popen([sys.executable, "-m", "mirrorgen.workers"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE) for _ in range(max(1, workers))]
+        # A thread per worker reads its replies as soon as they come, so a worker never waits
+        # for the consumer of the results to hand it its next task.
+        self._replies: list[queue.SimpleQueue[object | None]] = [queue.SimpleQueue() for _ in self.procs]
+        self._readers = [threading.Thread(target=self._read, args=(p, q), daemon=True)
+                         for p, q in zip(self.procs, self._replies)]
+        for thread in self._readers:
+            thread.start()
 
-    def map(self, job: str, tasks: Iterable[list[bytes]], *, depth: int = 3) -> Iterator[list[bytes]]:
-        """Results in task order. Tasks go round-robin, up to ``depth`` per worker outstanding;
-        a thread per worker writes its tasks, so a worker busy writing a large result never
-        waits for us while we wait to hand it its next task."""
+    @staticmethod
+    def _read(proc: subprocess.Popen[bytes], replies: queue.SimpleQueue[object | None]) -> None:
+        assert proc.stdout is not None
+        while True:
+            reply = _receive(proc.stdout)  # blocks in read(), outside the GIL
+            replies.put(reply)
+            if reply is None:  # the worker is gone
+                return
+
+    def map(self, job: str, tasks: Iterable[list[bytes]], *, depth: int = 8) -> Iterator[list[bytes]]:
+        """Results in task order. Tasks go round-robin, up to ``depth`` per worker outstanding.
+        Nobody waits on anybody else: ``tasks`` is drawn on a thread of its own (making a task
+        overlaps with using the results), a thread per worker writes its tasks, and a thread per
+        worker reads its replies as they come, held until their turn. A map left before its end
+        leaves replies behind: the pool is then good only for :meth:`close`."""
         if job not in JOBS:
             raise ValueError(f"unknown job {job!r}")
         queues: list[queue.Queue[list[bytes] | None]] = [queue.Queue() for _ in self.procs]
+        order: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
+        slots = threading.Semaphore(depth * len(self.procs))
+        stop = threading.Event()
         failed: list[BaseException] = []
 
         def feed(proc: subprocess.Popen[bytes], tasks_for: queue.Queue[list[bytes] | None]) -> None:
@@ -83,31 +103,48 @@ class WorkerPool:
                     failed.append(exc)
                     return
 
-        feeders = [threading.Thread(target=feed, args=(p, q), daemon=True) for p, q in zip(self.procs, queues)]
-        for thread in feeders:
+        def dispatch() -> None:
+            try:
+                for number, task in enumerate(tasks):
+                    while not slots.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    worker = number % len(self.procs)
+                    queues[worker].put(task)
+                    order.put(worker)
+            except BaseException as exc:  # making a task failed: the consumer raises it
+                order.put(exc)
+            finally:
+                order.put(None)
+
+        threads = [threading.Thread(target=feed, args=(p, q), daemon=True) for p, q in zip(self.procs, queues)]
+        dispatcher = threading.Thread(target=dispatch, daemon=True)
+        for thread in (*threads, dispatcher):
             thread.start()
-        in_flight: deque[int] = deque()  # worker index of each outstanding task, oldest first
         try:
-            for number, task in enumerate(tasks):
-                if len(in_flight) >= depth * len(self.procs):
-                    yield self._result(in_flight.popleft())
-                worker = number % len(self.procs)
-                queues[worker].put(task)
-                in_flight.append(worker)
-            while in_flight:
-                yield self._result(in_flight.popleft())
+            while (item := order.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                result = self._result(item)
+                slots.release()
+                yield result
         finally:
+            stop.set()
+            dispatcher.join()
             for q in queues:
                 q.put(None)
-            for thread in feeders:
+            for thread in threads:
                 thread.join(timeout=10)
         if failed:
             raise WorkerError(f"writing to a worker process failed: {failed[0]}")
 
     def _result(self, worker: int) -> list[bytes]:
         proc = self.procs[worker]
-        assert proc.stdout is not None
-        reply = _receive(proc.stdout)  # blocks in read(), outside the GIL
+        reply = self._replies[worker].get()
+        if reply is None:
+            self._replies[worker].put(None)  # it stays gone
         if not isinstance(reply, list) or len(reply) != 2:
             raise WorkerError(f"worker process {proc.pid} exited (code {proc.poll()})")
         status, value = reply
@@ -125,6 +162,9 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for thread in self._readers:
+            thread.join(timeout=10)  # each sees its worker's end of output
+        for proc in self.procs:
             if proc.stdout is not None:
                 proc.stdout.close()
 

@@ -23,7 +23,7 @@ from .record import CondaRecord
 from .source import ChannelIndex, CondaSource
 from .writer import plan_shards, render_channeldata, render_repodata
 
-__all__ = ["CondaChannel", "IndexFile"]
+__all__ = ["CondaChannel", "IndexFile", "Rendering"]
 
 _PACKAGE_RE: Final = re.compile(r"\.(?:conda|tar\.bz2)$")
 
@@ -37,6 +37,22 @@ class IndexFile:
     immutable: bool = False
     # Also publish ``relpath + ".zst"``, compressed from the same bytes, renamed just before it.
     zst_twin: bool = False
+    # ``data`` is a function giving the bytes, which can be called only once every new file
+    # (Rendering.new) has been made: a shard index, which names each shard by its hash.
+    after_new: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rendering:
+    """A channel's index files, as :meth:`CondaChannel.render` makes them.
+
+    Publication order: every file of ``new`` (content-addressed shards, not on disk yet) is
+    durable first; then ``files``, in their order. Making them need not follow that order:
+    ``new`` can be pulled on another thread while ``files`` are written here, except those marked
+    ``after_new``, whose content is known once ``new`` is exhausted."""
+
+    new: Iterator[IndexFile]
+    files: Iterator[IndexFile]
 
 
 # Part of every fingerprint: change it when the writer's output changes for the same input.
@@ -109,8 +125,8 @@ class CondaChannel:
     # -- index files -----------------------------------------------------------------------------
 
     def render(self, kept: Iterable[CondaRecord], mirror_dir: Path | None = None,
-               state: dict[str, Any] | None = None) -> Iterator[IndexFile]:
-        """Index files in publication order: new shards, shard indexes, .zst + .json, channeldata.
+               state: dict[str, Any] | None = None) -> Rendering:
+        """Index files: new shards, then shard indexes, .zst + .json, channeldata (see Rendering).
 
         ``mirror_dir`` is where earlier runs published; ``state`` what :meth:`state` returned after
         the last run. Only shards not yet on disk are yielded, and a subdir whose records, info and
@@ -146,24 +162,30 @@ class CondaChannel:
         if _still_published(mirror_dir, "", fingerprints[""], published.get("")):
             unchanged.add("")
         self._fingerprints = fingerprints
-        # New shards are yielded as the encoder makes them: the caller writes each while the
-        # next is being encoded.
-        for subdir in subdirs:
-            for relpath, data in plans[subdir].encode():
-                yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
-        self._state = {"shards": {s: plans[s].cache for s in subdirs}}
-        for subdir in subdirs:
-            if subdir not in unchanged:
-                yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", plans[subdir].index())
-        for subdir in subdirs:
-            if subdir not in unchanged:
-                src = self.index.subdirs[subdir]
-                repodata = render_repodata(subdir, by_subdir.get(subdir, []), src.info, src.removed)
-                yield IndexFile(f"{subdir}/repodata.json", repodata, zst_twin=True)
-        if "" not in unchanged:
-            yield IndexFile("channeldata.json",
-                            render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
-                                               self.index.channeldata))
+
+        def new() -> Iterator[IndexFile]:
+            # Yielded as the encoder makes them: each is written while the next is encoded.
+            for subdir in subdirs:
+                for relpath, data in plans[subdir].encode():
+                    yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
+            self._state = {"shards": {s: plans[s].cache for s in subdirs}}
+
+        def files() -> Iterator[IndexFile]:
+            for subdir in subdirs:
+                if subdir not in unchanged:
+                    yield IndexFile(f"{subdir}/repodata_shards.msgpack.zst", plans[subdir].index,
+                                    after_new=True)
+            for subdir in subdirs:
+                if subdir not in unchanged:
+                    src = self.index.subdirs[subdir]
+                    repodata = render_repodata(subdir, by_subdir.get(subdir, []), src.info, src.removed)
+                    yield IndexFile(f"{subdir}/repodata.json", repodata, zst_twin=True)
+            if "" not in unchanged:
+                yield IndexFile("channeldata.json",
+                                render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
+                                                   self.index.channeldata))
+
+        return Rendering(new(), files())
 
     def state(self, mirror_dir: Path | None = None) -> dict[str, Any]:
         """What the next run's :meth:`render` wants to know: the shard cache (name -> content key,
