@@ -19,7 +19,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import http.client
 import hashlib
 import os
 import queue
@@ -37,6 +36,7 @@ from typing import Any, Final
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
+import httptools
 
 from .errors import ChecksumMismatch, SizeMismatch, UpstreamError
 from .store import Entry, Store
@@ -391,6 +391,177 @@ class _Cancelled(Exception):
     pass
 
 
+class _BadResponse(OSError):
+    """Upstream sent something that is not an HTTP/1.1 response we can read."""
+
+
+class _NoResponse(ConnectionError):
+    """The connection closed before a response began (a kept-alive one upstream had closed)."""
+
+
+# An upstream that sends more header bytes than this is not a package server.
+_MAX_HEADER_BYTES: Final = 64 << 10
+
+
+class _Conn:
+    """One kept-alive HTTP/1.1 connection of a download thread: requests are written by hand
+    (one GET, a few fixed headers) and responses parsed by httptools (llhttp, the parser behind
+    uvloop's and uvicorn's HTTP), whose C callbacks cost a few microseconds per response where
+    http.client's pure-Python header parsing cost about 80: a mirror of many small files spends
+    its time there. Only the status line, headers and chunked bodies go through the parser; a
+    body of known length is received straight into the caller's buffer."""
+
+    def __init__(self, scheme: str, host: str, port: int, timeout: float) -> None:
+        sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = _ssl_context().wrap_socket(sock, server_hostname=host)
+            sock.settimeout(timeout)  # then as aiohttp's sock_read: per read, not per file
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        name = f"[{host}]" if ":" in host else host
+        self.host = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+        self.buf = bytearray(CHUNK)
+
+    def request(self, target: str, headers: dict[str, str]) -> _Response:
+        lines = [f"GET {target} HTTP/1.1", f"Host: {self.host}",
+                 *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+        self.sock.sendall("\r\n".join(lines).encode("latin-1"))
+        response = _Response(self)
+        response.begin()
+        return response
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _Response:
+    """A response being read from a :class:`_Conn`, with the parts of http.client's
+    HTTPResponse the download thread uses: ``status``, ``length`` (body bytes still to come, or
+    None), ``will_close``, ``getheader``, ``readinto``, ``read``, ``isclosed``; and
+    ``content_length``, the whole body's."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.length: int | None = None          # body bytes still to come, when known
+        self.content_length: int | None = None  # the whole body's, when known
+        self.will_close = False
+        self.headers: dict[bytes, bytes] = {}
+        self._held = bytearray()      # body bytes the parser gave us, not yet handed out
+        self._headers_done = False
+        self._keep_alive = False
+        self._complete = False
+        self._messages = 0
+        self._direct = False          # body of known length: received without the parser
+        self._chunked = False
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._messages += 1
+        if self._messages > 1:  # bytes past the end of the response we asked for
+            raise _BadResponse("upstream sent more than one response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        # Asked now: once the message is complete (a small body in the same packet), llhttp has
+        # reset what it knew, and answers False.
+        self._keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self._held += body
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    def _feed(self) -> int:
+        n = self.conn.sock.recv_into(self.conn.buf)
+        try:
+            if n:
+                self.parser.feed_data(memoryview(self.conn.buf)[:n])
+        except httptools.HttpParserError as exc:
+            raise _BadResponse(f"bad response from upstream: {exc}") from None
+        return n
+
+    def begin(self) -> None:
+        seen = 0
+        while not self._headers_done:
+            n = self._feed()
+            if not n:
+                if seen:
+                    raise _BadResponse("connection closed in the middle of the response headers")
+                raise _NoResponse("remote end closed connection without response")
+            seen += n
+            if not self._headers_done and seen > _MAX_HEADER_BYTES:
+                raise _BadResponse(f"response headers longer than {_MAX_HEADER_BYTES} bytes")
+        self.status = self.parser.get_status_code()
+        self.will_close = not self._keep_alive
+        chunked = self._chunked = b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
+        if not chunked and b"content-length" in self.headers:
+            try:
+                total = int(self.headers[b"content-length"])
+            except ValueError:
+                raise _BadResponse("bad Content-Length from upstream") from None
+            if total < 0:
+                raise _BadResponse("bad Content-Length from upstream")
+            self.content_length = total
+            self.length = total - len(self._held)
+            self._direct = True
+            if self.length < 0:
+                raise _BadResponse("upstream sent more than its Content-Length")
+        elif not chunked:
+            self.will_close = True  # the body ends when the connection does
+
+    def getheader(self, name: str) -> str | None:
+        value = self.headers.get(name.lower().encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+    def isclosed(self) -> bool:
+        """Whether the whole body has been read (the connection can carry the next request)."""
+        if self._direct:
+            return not self._held and self.length == 0
+        return self._complete and not self._held
+
+    def readinto(self, view: memoryview) -> int:
+        """Body bytes into ``view``: how many, 0 at the end of the body (or when the connection
+        closes before it: ``length`` then says how many were missing)."""
+        if not view:
+            return 0
+        if self._held:
+            n = min(len(view), len(self._held))
+            view[:n] = self._held[:n]
+            del self._held[:n]
+            return n
+        if self._direct:
+            assert self.length is not None
+            if self.length == 0:
+                return 0
+            n = self.conn.sock.recv_into(view[:min(len(view), self.length)])
+            self.length -= n
+            return n
+        while not self._held and not self._complete:
+            if not self._feed():
+                if self._chunked:
+                    raise _BadResponse("connection closed in the middle of a chunked body")
+                self._complete = True  # a body without a length ends with its connection
+        return self.readinto(view) if self._held else 0
+
+    def read(self, limit: int) -> bytes:
+        out = bytearray()
+        view = memoryview(bytearray(min(limit, CHUNK)))
+        while len(out) < limit and (n := self.readinto(view[:limit - len(out)])):
+            out += view[:n]
+        return bytes(out)
+
+
 class _Lane:
     """A download thread: runs the downloads it is given one after the other, each from request
     to verified temporary file, over HTTP/1.1 connections it keeps alive (one per host).
@@ -398,7 +569,7 @@ class _Lane:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop, self.timeout = loop, timeout
-        self.conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+        self.conns: dict[tuple[str, str, int], _Conn] = {}
         self.buf = memoryview(bytearray(BUFFER))
         self.dirs: set[Path] = set()
         self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
@@ -444,8 +615,8 @@ class _Lane:
                 raise _Retry(f"HTTP {status}")
             if status != 200:
                 raise UpstreamError(redact(url), f"HTTP {status}")
-            if size is not None and resp.length is not None and resp.length != size:
-                raise SizeMismatch(redact(url), size, resp.length)  # its Content-Length says so
+            if size is not None and resp.content_length is not None and resp.content_length != size:
+                raise SizeMismatch(redact(url), size, resp.content_length)  # its Content-Length says so
             staged = self._receive(job, resp)
         except BaseException:
             self._drop(key)  # whatever is left of that response is not read: not reusable
@@ -454,7 +625,7 @@ class _Lane:
             self._drop(key)
         return staged
 
-    def _receive(self, job: _Job, resp: http.client.HTTPResponse) -> Staged:
+    def _receive(self, job: _Job, resp: _Response) -> Staged:
         size, buf = job.size, self.buf
         sink = _Sink(job.store, job.final, job.hasher, self.dirs)
         try:
@@ -466,12 +637,12 @@ class _Lane:
                 view = buf if size is None else buf[:min(len(buf), size - got + 1)]
                 try:
                     n = resp.readinto(view)
-                except (OSError, http.client.HTTPException) as exc:
+                except OSError as exc:
                     raise _Cancelled() if job.cancelled else _Retry(_describe(exc)) from None
                 if not n:
                     if job.cancelled:
                         raise _Cancelled()
-                    if resp.length:  # http.client ends a cut-short body quietly: a broken transfer
+                    if resp.length:  # closed before the end of the body: a broken transfer
                         raise _Retry(f"connection closed {resp.length} bytes before the end of the body")
                     break
                 got += n
@@ -487,7 +658,7 @@ class _Lane:
             sink.abort()
             raise
 
-    def _open(self, job: _Job) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
+    def _open(self, job: _Job) -> tuple[tuple[str, str, int], _Response]:
         """GET ``job.url``, following redirects; the response to read, and its connection's key."""
         url = job.url
         for _ in range(_MAX_REDIRECTS + 1):
@@ -509,7 +680,7 @@ class _Lane:
                 return key, resp
             try:
                 resp.read(1 << 16)  # a redirect's body is short; more and the connection goes
-            except (OSError, http.client.HTTPException):
+            except OSError:
                 pass
             if not resp.isclosed() or resp.will_close:
                 self._drop(key)
@@ -517,7 +688,7 @@ class _Lane:
         raise UpstreamError(redact(job.url), f"more than {_MAX_REDIRECTS} redirects")
 
     def _request(self, job: _Job, key: tuple[str, str, int], target: str,
-                 headers: dict[str, str]) -> http.client.HTTPResponse:
+                 headers: dict[str, str]) -> _Response:
         conn = self.conns.get(key)
         for fresh in ((False, True) if conn is not None else (True,)):
             if job.cancelled:
@@ -529,9 +700,8 @@ class _Lane:
                 job.sock = conn.sock
                 if job.cancelled:  # cancelled while connecting: its socket was not known then
                     raise _Cancelled()
-                conn.request("GET", target, headers=headers)
-                return conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
+                return conn.request(target, headers)
+            except OSError as exc:
                 self._drop(key)
                 if job.cancelled:
                     raise _Cancelled() from None
@@ -540,20 +710,8 @@ class _Lane:
                 # A kept-alive connection upstream had closed meanwhile: once more, on a new one.
         raise AssertionError("unreachable")
 
-    def _connect(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
-        scheme, host, port = key
-        conn: http.client.HTTPConnection
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=_CONNECT_TIMEOUT, context=_ssl_context())
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=_CONNECT_TIMEOUT)
-        try:
-            conn.connect()
-            assert conn.sock is not None
-            conn.sock.settimeout(self.timeout)  # then as aiohttp's sock_read: per read, not per file
-        except BaseException:
-            conn.close()
-            raise
+    def _connect(self, key: tuple[str, str, int]) -> _Conn:
+        conn = _Conn(*key, timeout=self.timeout)
         self.conns[key] = conn
         return conn
 
@@ -656,7 +814,5 @@ class _Hasher:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, socket.timeout)):
         return "timed out"
-    if isinstance(exc, http.client.IncompleteRead):
-        return f"connection closed after {len(exc.partial)} bytes of the body"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

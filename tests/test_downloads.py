@@ -102,6 +102,18 @@ async def test_a_run_killed_after_the_renames_but_before_recording_rehashes_inst
     assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
 
 
+async def test_package_files_come_over_kept_alive_connections(upstream, write_config) -> None:
+    # One download thread, so one connection: a new one per file would cost a round trip each
+    # (and a response whose small body arrives with its headers must not end its connection).
+    config = write_config(upstream.channel_url, concurrency=1)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.downloaded == 8 and not result.failed
+    control = upstream.control
+    ports = {peer for request, peer in zip(control.requests, control.peers)
+             if request.endswith((".conda", ".tar.bz2"))}
+    assert len(ports) == 1
+
+
 async def test_a_file_failing_verification_leaves_the_rest_of_its_batch_committed(
         upstream, write_config, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = f"linux-64/{upstream.files('linux-64')[0]}"

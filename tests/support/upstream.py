@@ -49,6 +49,8 @@ class UpstreamControl:
     # "GET /demo/noarch/repodata.json" for every request, in arrival order,
     # including the ones answered with an error
     requests: list[str] = field(default_factory=list)
+    # the client's (host, port) for each of those requests: one port per connection
+    peers: list[object] = field(default_factory=list)
     # seconds to sleep before every response (to exercise timeouts/concurrency)
     delay: float = 0.0
 
@@ -87,6 +89,7 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     root = request.app[UPSTREAM_ROOT]
     # raw_path keeps what the client actually sent (with token, undecoded).
     control.requests.append(f"{request.method} {request.raw_path}")
+    control.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
     if control.delay > 0:
         await asyncio.sleep(control.delay)
 
