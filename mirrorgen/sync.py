@@ -27,7 +27,7 @@ from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
 from .store import Entry, Manifest, Store, hash_file
-from .transport import GroupCommit, Staged, Transport
+from .transport import FetchRequest, GroupCommit, Staged, Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
 
@@ -294,9 +294,6 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
     waits under its temporary name until a batch of them is made durable by one filesystem sync
     and renamed; only then is it recorded in the manifest (see :class:`GroupCommit`)."""
-    queue: asyncio.Queue[tuple[Any, str, Path]] = asyncio.Queue()
-    for item in todo:
-        queue.put_nowait(item)
     progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
     # Which of them are on disk already, from one listing per directory off the loop: a stat per
     # file on the loop would wait for the directory lock the download threads' creates hold.
@@ -311,54 +308,43 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
                 result.downloaded += 1
                 result.bytes_downloaded += staged.bytes_downloaded
 
-    async def worker(commits: GroupCommit) -> None:
-        while True:
-            try:
-                record, relpath, path = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            size, sha256, md5 = channel.expected(record)
-            if mirror.verify_checksums and not sha256 and not md5:
-                result.failed[relpath] = "upstream publishes no sha256 or md5 for this file"
-                progress.advance(0)
-                continue
-            try:
-                if (path.parent, path.name) in on_disk:
-                    # On disk but not in the manifest (a run killed before it recorded the file):
-                    # hash it instead of fetching it again.
-                    entry = await asyncio.to_thread(_hash_existing, path, size, sha256, md5)
-                    if entry is not None:
-                        commits.add((relpath, True), Staged(None, path, entry, 0))
-                        progress.advance(entry.size)
-                        continue
-                staged = await transport.fetch(
-                    channel.file_url(record), path, store, size=size, sha256=sha256, md5=md5,
-                    verify=mirror.verify_checksums)
-            except MirrorError as exc:
-                result.failed[relpath] = str(exc)
-                progress.log(f"{mirror.name}: failed: {relpath}: {exc}")
-                progress.advance(0)
-                continue
-            commits.add((relpath, False), staged)
-            progress.advance(staged.bytes_downloaded)
+    def failed(relpath: str, why: str) -> None:
+        result.failed[relpath] = why
+        progress.log(f"{mirror.name}: failed: {relpath}: {why}")
+        progress.advance(0)
+
+    requests: list[FetchRequest] = []
+    found: list[FetchRequest] = []
+    for record, relpath, path in todo:
+        size, sha256, md5 = channel.expected(record)
+        if mirror.verify_checksums and not sha256 and not md5:
+            result.failed[relpath] = "upstream publishes no sha256 or md5 for this file"
+            progress.advance(0)
+            continue
+        request = FetchRequest(relpath, channel.file_url(record), path, size, sha256, md5)
+        # On disk but not in the manifest (a run killed before it recorded the file): hashed
+        # instead of fetched again.
+        (found if (path.parent, path.name) in on_disk else requests).append(request)
 
     try:
         async with GroupCommit(store, published) as commits:
-            workers = [asyncio.ensure_future(worker(commits))
-                       for _ in range(min(mirror.concurrency, len(todo)))]
-            done: set[asyncio.Future[None]] = set()
-            try:
-                if workers:
-                    done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                # One worker failed (not a file: the disk, a bug) or the run is cancelled: stop
-                # the others too (each removes its temporary file) before the commit closes.
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            for request in found:
+                entry = await asyncio.to_thread(_hash_existing, request.final, request.size,
+                                                request.sha256, request.md5)
+                if entry is None:
+                    requests.append(request)
+                    continue
+                commits.add((request.key, True), Staged(None, request.final, entry, 0))
+                progress.advance(entry.size)
+            # aclosing: leaving the loop by an exception stops the download threads there and then.
+            async with contextlib.aclosing(transport.fetch_many(
+                    requests, store, verify=mirror.verify_checksums)) as outcomes:
+                async for request, outcome in outcomes:
+                    if isinstance(outcome, MirrorError):
+                        failed(request.key, str(outcome))
+                        continue
+                    commits.add((request.key, False), outcome)
+                    progress.advance(outcome.bytes_downloaded)
     finally:
         progress.close()
 

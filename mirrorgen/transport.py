@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,11 +38,11 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import aiohttp
 import httptools
 
-from .errors import ChecksumMismatch, SizeMismatch, UpstreamError
+from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
 from .store import Entry, Store
 from .urls import is_remote, redact
 
-__all__ = ["Transport", "Verified", "Staged", "GroupCommit", "local_path"]
+__all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
 
 CHUNK: Final = 1 << 18
 # What a download thread receives, hashes and writes at once: hashing and writing release the GIL
@@ -193,6 +193,51 @@ class Transport:
             except _Retry as retry:
                 last = retry.reason
         raise UpstreamError(redact(url), f"{last} (after {self.retries + 1} attempts)")
+
+    async def fetch_many(self, requests: Iterable[FetchRequest], store: Store, *,
+                         verify: bool = True) -> AsyncIterator[tuple[FetchRequest, Staged | MirrorError]]:
+        """:meth:`fetch` for many files: each request's outcome (a :class:`Staged` file, or the
+        MirrorError that ended it) as it comes, in no particular order.
+
+        The download threads take the requests from one queue themselves, and retry with the
+        same backoff as :meth:`fetch`, so the event loop sees a file once, when it is done: for
+        thousands of small files a round trip through the loop per file was the bottleneck.
+        Outcomes are handed over in batches. Leaving the loop early (an error, a cancellation)
+        stops every thread at once and removes the temporary files of what was not taken."""
+        pending: queue.SimpleQueue[FetchRequest] = queue.SimpleQueue()
+        count = 0
+        for request in requests:
+            pending.put(request)
+            count += 1
+        if not count:
+            return
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop, pending, store, verify, self)
+        lanes = [await self._lane() for _ in range(min(max(self.concurrency, 1), count))]
+        runs = [lane.call(lane.run_batch, batch) for lane in lanes]
+        for run in runs:
+            run.add_done_callback(lambda _: batch.ready.set())
+        try:
+            while True:
+                await batch.ready.wait()
+                batch.ready.clear()
+                batch.woken = False
+                while batch.outcomes:
+                    yield batch.outcomes.popleft()
+                for run in runs:
+                    if run.done() and run.exception() is not None:
+                        raise run.exception()  # type: ignore[misc]  # not a file: the disk, a bug
+                if all(run.done() for run in runs) and not batch.outcomes:
+                    break
+        finally:
+            batch.stop()
+            await asyncio.gather(*runs, return_exceptions=True)
+            while batch.outcomes:
+                _, outcome = batch.outcomes.popleft()
+                if isinstance(outcome, Staged):
+                    outcome.discard()  # never taken: nobody will publish it
+            for lane in lanes:
+                self._release(lane)
 
     async def _fetch_http(self, url: str, final: Path, store: Store, size: int | None,
                           sha256: str | None, md5: str | None, verify: bool) -> Staged:
@@ -369,6 +414,65 @@ class GroupCommit:
     def _published(self, batch: list[tuple[Any, Staged]]) -> None:
         self.batches += 1
         self.on_published(batch)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """One file for :meth:`Transport.fetch_many`; ``key`` is the caller's, handed back."""
+    key: Any
+    url: str
+    final: Path
+    size: int | None
+    sha256: str | None
+    md5: str | None
+
+
+class _Batch:
+    """The shared state of one :meth:`Transport.fetch_many`: the requests left, the outcomes
+    done, and how the threads wake the loop (once per batch of outcomes, not once per file)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pending: queue.SimpleQueue[FetchRequest],
+                 store: Store, verify: bool, transport: Transport) -> None:
+        self.loop, self.pending, self.store, self.verify = loop, pending, store, verify
+        self.retries, self.backoff = transport.retries, transport.backoff
+        self.outcomes: deque[tuple[FetchRequest, Staged | MirrorError]] = deque()
+        self.ready = asyncio.Event()
+        self.woken = False
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self.jobs: set[_Job] = set()
+
+    def deliver(self, request: FetchRequest, outcome: Staged | MirrorError) -> None:
+        """From a thread: one outcome; the loop is woken unless a wake-up is on its way."""
+        self.outcomes.append((request, outcome))
+        if not self.woken:
+            self.woken = True
+            try:
+                self.loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:  # the loop is closed: nobody will take it
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self._lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()
+
+    def started(self, job: _Job) -> None:
+        with self._lock:
+            self.jobs.add(job)
+        if self.stopped.is_set():
+            job.cancel()
+
+    def ended(self, job: _Job) -> None:
+        with self._lock:
+            self.jobs.discard(job)
+
+    def pause(self, attempt: int) -> bool:
+        """Sleep before retry ``attempt`` (as Transport._backoff); False if stopped meanwhile."""
+        delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF) * (0.5 + random.random() / 2)
+        return not self.stopped.wait(delay)
 
 
 class _Job:
@@ -601,6 +705,46 @@ class _Lane:
         finally:
             for conn in self.conns.values():
                 conn.close()
+
+    def run_batch(self, batch: _Batch) -> None:
+        """Take requests from ``batch`` until none is left (or it is stopped), each fetched with
+        retries, and hand each outcome over."""
+        while not batch.stopped.is_set():
+            try:
+                request = batch.pending.get_nowait()
+            except queue.Empty:
+                return
+            outcome = self._fetch_with_retries(batch, request)
+            if outcome is None:  # stopped
+                return
+            if batch.stopped.is_set() and isinstance(outcome, Staged):
+                outcome.discard()
+                return
+            batch.deliver(request, outcome)
+
+    def _fetch_with_retries(self, batch: _Batch, request: FetchRequest) -> Staged | MirrorError | None:
+        path = local_path(request.url)
+        last = "no attempt"
+        for attempt in range(batch.retries + 1):
+            if attempt and not batch.pause(attempt):
+                return None
+            job = _Job(request.url, request.final, batch.store, request.size,
+                       _Hasher(request.sha256, request.md5, batch.verify))
+            batch.started(job)
+            try:
+                if path is not None:
+                    return _copy_local(request.url, path, request.final, batch.store, request.size,
+                                       request.sha256, request.md5, batch.verify)
+                return self.download(job)
+            except _Retry as retry:
+                last = retry.reason
+            except _Cancelled:
+                return None
+            except MirrorError as exc:
+                return exc
+            finally:
+                batch.ended(job)
+        return UpstreamError(redact(request.url), f"{last} (after {batch.retries + 1} attempts)")
 
     # -- one download, in the thread ---------------------------------------------------------
 

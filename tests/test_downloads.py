@@ -8,6 +8,7 @@ and the next run neither fetches again what was committed nor trusts what was no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sys
@@ -21,7 +22,7 @@ from aiohttp import web
 from mirrorgen.errors import SizeMismatch, UpstreamError
 from mirrorgen.store import TEMP_PREFIX, Manifest, Store
 from mirrorgen.sync import sync_mirror
-from mirrorgen.transport import GroupCommit, Transport
+from mirrorgen.transport import FetchRequest, GroupCommit, Staged, Transport
 from mirrorgen.verify import verify_mirror
 
 
@@ -309,3 +310,60 @@ async def test_group_commit_left_with_an_error_removes_what_it_had_not_published
             assert published == []
     assert published == ["q"] and (tmp_path / "root" / "m" / "q.conda").read_bytes() == SMALL
     assert not temps(tmp_path)
+
+
+async def test_fetch_many_hands_over_every_outcome_and_a_bad_file_does_not_stop_the_rest(
+        odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    store = Store(tmp_path / "root")
+    requests = [FetchRequest(i, f"{base}/plain/small", tmp_path / "root" / "m" / f"p{i}.conda",
+                             len(SMALL), sha(SMALL), None) for i in range(20)]
+    requests.append(FetchRequest("bad", f"{base}/missing/small", tmp_path / "root" / "m" / "bad.conda",
+                                 len(SMALL), sha(SMALL), None))
+    requests.append(FetchRequest("cut", f"{base}/cut/blob", tmp_path / "root" / "m" / "cut.conda",
+                                 len(BLOB), sha(BLOB), None))
+    async with Transport(concurrency=3, retries=2, backoff=0.01) as transport:
+        outcomes = {request.key: outcome async for request, outcome in transport.fetch_many(requests, store)}
+    assert set(outcomes) == {*range(20), "bad", "cut"}
+    assert isinstance(outcomes.pop("bad"), UpstreamError)
+    assert hits["/cut/blob"] == 2  # cut mid-body once, then fetched whole
+    for staged in outcomes.values():
+        assert isinstance(staged, Staged) and staged.tmp is not None and staged.tmp.read_bytes() in (SMALL, BLOB)
+        staged.discard()
+    assert not temps(tmp_path)
+
+
+async def test_fetch_many_left_early_stops_its_threads_and_leaves_no_file(odd_upstream, tmp_path: Path) -> None:
+    base, hits = odd_upstream
+    store = Store(tmp_path / "root")
+    requests = [FetchRequest(i, f"{base}/plain/small", tmp_path / "root" / "m" / f"p{i}.conda",
+                             len(SMALL), sha(SMALL), None) for i in range(2000)]
+    async with Transport(concurrency=4) as transport:
+        async with contextlib.aclosing(transport.fetch_many(requests, store)) as outcomes:
+            async for _, staged in outcomes:
+                assert isinstance(staged, Staged)
+                staged.discard()
+                break
+        fetched = hits["/plain/small"]
+        await asyncio.sleep(0.2)
+        assert hits["/plain/small"] == fetched  # nothing more was asked for
+    assert fetched < 100
+    assert not temps(tmp_path)
+
+
+async def test_a_disk_error_in_a_download_thread_ends_the_run_at_once(
+        odd_upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, hits = odd_upstream
+    store = Store(tmp_path / "root")
+
+    def full(self: Store, final: Path, **_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Store, "open_temp", full)
+    requests = [FetchRequest(i, f"{base}/plain/small", tmp_path / "root" / "m" / f"p{i}.conda",
+                             len(SMALL), sha(SMALL), None) for i in range(500)]
+    async with Transport(concurrency=2) as transport:
+        with pytest.raises(OSError, match="No space"):
+            async for _ in transport.fetch_many(requests, store):
+                pass
+    assert hits["/plain/small"] < 50
