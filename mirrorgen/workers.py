@@ -80,7 +80,7 @@ class WorkerPool:
             if reply is None:  # the worker is gone
                 return
 
-    def map(self, job: str, tasks: Iterable[list[bytes]], *, depth: int = 8) -> Iterator[list[bytes]]:
+    def map(self, job: str, tasks: Iterable[list[bytes]], *, depth: int = 4) -> Iterator[list[bytes]]:
         """Results in task order. Tasks go round-robin, up to ``depth`` per worker outstanding.
         Nobody waits on anybody else: ``tasks`` is drawn on a thread of its own (making a task
         overlaps with using the results), a thread per worker writes its tasks, and a thread per
