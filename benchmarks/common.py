@@ -177,10 +177,16 @@ def fresh(path: Path) -> None:
     os.sync()
 
 
-def empty_trash() -> None:
-    """Delete what :func:`fresh` moved aside (at the end of a benchmark run)."""
+# How long ext4 treats a deleted inode as recently deleted (RECENTCY_MIN, fs/ext4/ialloc.c), and a bit.
+RECENTLY_DELETED_S = 65
+
+
+def empty_trash() -> bool:
+    """Delete what :func:`fresh` moved aside (after each benchmark); whether there was any."""
+    emptied = bool(_TRASH)
     while _TRASH:
         shutil.rmtree(_TRASH.pop(), ignore_errors=True)
+    return emptied
 
 
 atexit.register(empty_trash)
