@@ -154,7 +154,7 @@ def builds(before: str | None) -> Iterator[list[Mirrorgen]]:
 # -- fresh output directories ----------------------------------------------------------------------
 #
 # A timed run writes into an empty directory, but the previous run's output is not deleted
-# before it: it is moved aside and deleted when the benchmarks end. On ext4 a file created within
+# before it: it is moved aside and deleted when the benchmark ends. On ext4 a file created within
 # a minute or so of many deletions nearby is slow: the inode allocator skips each recently deleted
 # inode, reading its inode-table block, from the start of the group, for every new file
 # (fs/ext4/ialloc.c, recently_deleted). Measured here: 28,500 creates took 2.1-2.4 s in a
@@ -166,8 +166,9 @@ _TRASH: list[Path] = []
 
 
 def fresh(path: Path) -> None:
-    """Make ``path`` absent (moved into a trash directory beside it, deleted at exit), then flush
-    every dirty page, so no run pays for another's writeback."""
+    """Make ``path`` absent (moved into a trash directory beside it, deleted by
+    :func:`empty_trash` after each benchmark, or at exit), then flush every dirty page, so no run
+    pays for another's writeback."""
     if path.exists() or path.is_symlink():
         trash = path.parent / ".bench-trash"
         trash.mkdir(exist_ok=True)
