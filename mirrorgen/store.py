@@ -30,7 +30,7 @@ import zstandard
 
 from .errors import LockedError, UnsafePath
 
-__all__ = ["Store", "Manifest", "Entry", "STATE_DIR", "TEMP_PREFIX", "hash_file"]
+__all__ = ["Store", "Manifest", "Entry", "STATE_DIR", "TEMP_PREFIX", "fsync_path", "hash_file"]
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
@@ -316,11 +316,7 @@ class Store:
         parents = {final.parent for _, final in items}
         if len(items) <= _FSYNC_FILES_MAX:
             for tmp, final in items:
-                fd = os.open(tmp if tmp is not None else final, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(tmp if tmp is not None else final)
         else:
             devices: dict[int, Path] = {}
             for parent in parents:
@@ -380,12 +376,17 @@ def _sync_filesystem(path: Path) -> None:
     os.sync()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path | str, *, directory: bool = False) -> None:
+    """fsync a file (or a directory) by its name."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fsync_path(path, directory=True)
 
 
 class Manifest:

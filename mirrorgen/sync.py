@@ -26,7 +26,7 @@ from .errors import ConfigError, MirrorError, UnsafePath, UsageError
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
-from .store import Entry, Manifest, Store, hash_file
+from .store import Entry, Manifest, Store, fsync_path, hash_file
 from .transport import FetchRequest, GroupCommit, Staged, Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
@@ -236,7 +236,7 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
                 pairs = _stage(store, mirror, index_file)
                 staged.append((index_file, pairs))
                 # Written back while the rest is made: the commit's sync has less left to do.
-                flushes += [pool.submit(_flush, tmp) for tmp, _ in pairs]
+                flushes += [pool.submit(fsync_path, tmp) for tmp, _ in pairs]
             result.index_files += shards.result()
             for i, (index_file, pairs) in enumerate(staged):
                 if index_file.after_new:
@@ -254,14 +254,6 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
             for _, pairs in staged:
                 store.discard_temps(pairs)
             raise
-
-
-def _flush(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Stopped(Exception):

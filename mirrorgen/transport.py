@@ -180,19 +180,13 @@ class Transport:
         Retried with backoff: HTTP 408/429/5xx, refused, reset or cut-short connections, timeouts.
         Not retried: other HTTP errors, a size or hash mismatch (upstream's index and file differ;
         the run reports it)."""
-        path = local_path(url)
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await self._backoff(attempt)
-            try:
-                if path is not None:
-                    return await asyncio.to_thread(_copy_local, url, path, final, store, size,
-                                                   sha256, md5, verify)
-                return await self._fetch_http(url, final, store, size, sha256, md5, verify)
-            except _Retry as retry:
-                last = retry.reason
-        raise UpstreamError(redact(url), f"{last} (after {self.retries + 1} attempts)")
+        request = FetchRequest(None, url, final, size, sha256, md5)
+        async with contextlib.aclosing(self.fetch_many([request], store, verify=verify)) as outcomes:
+            async for _, outcome in outcomes:
+                if isinstance(outcome, MirrorError):
+                    raise outcome
+                return outcome
+        raise AssertionError("fetch_many ended without an outcome")
 
     async def fetch_many(self, requests: Iterable[FetchRequest], store: Store, *,
                          verify: bool = True) -> AsyncIterator[tuple[FetchRequest, Staged | MirrorError]]:
@@ -238,18 +232,6 @@ class Transport:
                     outcome.discard()  # never taken: nobody will publish it
             for lane in lanes:
                 self._release(lane)
-
-    async def _fetch_http(self, url: str, final: Path, store: Store, size: int | None,
-                          sha256: str | None, md5: str | None, verify: bool) -> Staged:
-        lane = await self._lane()
-        job = _Job(url, final, store, size, _Hasher(sha256, md5, verify))
-        try:
-            return await lane.call(lane.download, job)
-        except asyncio.CancelledError:
-            job.cancel()  # the thread stops at once and removes its temporary file
-            raise
-        finally:
-            self._release(lane)
 
     async def _lane(self) -> _Lane:
         if self._free:
