@@ -105,42 +105,14 @@ class Store:
 
     # -- atomic writes ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def temp_file(self, final: Path) -> Iterator[tuple[Path, IO[bytes]]]:
-        """A temporary file next to ``final``; removed again unless :meth:`commit` renamed it."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{final.name}"[:_MAX_PART]
-        fh = open(tmp, "xb")
-        try:
-            yield tmp, fh
-        finally:
-            if not fh.closed:
-                fh.close()
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    @staticmethod
-    def commit(tmp: Path, fh: IO[bytes], final: Path) -> None:
-        """fsync the temporary file, rename it over ``final``, fsync the directory."""
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-
     def write_atomic(self, final: Path, data: bytes | Iterable[bytes]) -> None:
-        with self.temp_file(final) as (tmp, fh):
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                fh.write(data)
-            else:
-                for chunk in data:
-                    fh.write(chunk)
-            self.commit(tmp, fh, final)
+        """``final`` replaced at once: :meth:`stage`, then :meth:`publish_staged`."""
+        self.publish_staged([self.stage(final, data)])
 
     def write_with_zst(self, final: Path, chunks: Iterable[bytes], size: int, *, level: int = 3) -> None:
         """``final`` and ``final.zst``, published at once: :meth:`stage_with_zst`, then
         :meth:`publish_temps` (the .zst is renamed into place first, the plain file last)."""
-        self.publish_temps(self.stage_with_zst(final, chunks, size, level=level))
+        self.publish_staged(self.stage_with_zst(final, chunks, size, level=level))
 
     def write_batch(self, items: Iterable[tuple[Path, bytes]], *, group: int = 4096) -> int:
         """Many small files at once (new CEP-16 shards): staged (:meth:`stage_batch`) and
@@ -188,8 +160,7 @@ class Store:
                     for chunk in data:
                         fh.write(chunk)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            self.discard_temps([(tmp, final)])
             raise
         return tmp, final
 
@@ -246,6 +217,14 @@ class Store:
             raise
         return temps
 
+    def publish_staged(self, temps: Sequence[tuple[Path, Path]]) -> None:
+        """:meth:`publish_temps`, or, if that fails, :meth:`discard_temps` (nothing left behind)."""
+        try:
+            self.publish_temps(temps)
+        except BaseException:
+            self.discard_temps(temps)
+            raise
+
     @staticmethod
     def discard_temps(temps: Iterable[tuple[Path | None, Path]]) -> None:
         """Remove staged files that will not be published (those renamed already are gone)."""
@@ -281,8 +260,8 @@ class Store:
     # -- group commit (downloads) ----------------------------------------------------------------
 
     def open_temp(self, final: Path, *, parent_exists: bool = False) -> tuple[Path, int]:
-        """A new temporary file next to ``final`` (named as :meth:`temp_file` names it), as a raw
-        file descriptor for writes from a worker thread. The caller closes it, then either hands
+        """A new temporary file next to ``final`` (``TEMP_PREFIX``, a per-process tag and counter,
+        then the final name), as a raw file descriptor for writes from a worker thread. The caller closes it, then either hands
         the name to :meth:`publish_temps` or unlinks it. ``parent_exists``: the caller has seen
         the directory already (one system call instead of three; made again if it is gone)."""
         if not parent_exists:
@@ -327,7 +306,7 @@ class Store:
             if tmp is not None:
                 os.replace(tmp, final)
         for parent in parents:
-            _fsync_dir(parent)
+            fsync_path(parent, directory=True)
 
     # -- locking ---------------------------------------------------------------------------------
 
@@ -383,10 +362,6 @@ def fsync_path(path: Path | str, *, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fsync_path(path, directory=True)
 
 
 class Manifest:

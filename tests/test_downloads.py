@@ -41,7 +41,8 @@ def journal(config) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 async def killed_sync(config, when: str) -> int:  # type: ignore[no-untyped-def]
-    """``mirrorgen sync`` in a subprocess that SIGKILLs itself at the first group commit:
+    """``mirrorgen sync`` in a subprocess that SIGKILLs itself at the first group commit of
+    package files:
     ``before`` it makes anything durable or renames it, or ``after`` the renames but before the
     manifest records the batch. The test's loop keeps serving the upstream meanwhile."""
     code = f"""
@@ -49,6 +50,8 @@ import os, signal, sys
 from mirrorgen.store import Store
 original = Store.publish_temps
 def publish_temps(self, items):
+    if not any(str(final).endswith((".conda", ".tar.bz2")) for _, final in items):
+        return original(self, items)  # state files: not the group commit of downloads
     if {when!r} == "before":
         os.kill(os.getpid(), signal.SIGKILL)
     original(self, items)

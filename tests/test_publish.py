@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,19 @@ async def test_new_shards_are_durable_before_anything_else_is_renamed(
 
     def watch(self: Store, items: Any) -> None:
         original(self, items)
-        renamed.extend(final.relative_to(store.mirror_dir(mirror.name)).as_posix() for _, final in items)
+        mirror_dir = store.mirror_dir(mirror.name)
+        renamed.extend(final.relative_to(mirror_dir).as_posix() for _, final in items
+                       if final.is_relative_to(mirror_dir))  # not the state files
+
+    slow_stage = Store.stage_batch
+
+    def stage_batch(self: Store, items: Any) -> Any:
+        staged = slow_stage(self, items)
+        time.sleep(0.3)  # the shards come last by far: the rest must wait for them all the same
+        return staged
 
     monkeypatch.setattr(Store, "publish_temps", watch)
+    monkeypatch.setattr(Store, "stage_batch", stage_batch)
     await sync_mirror(config, mirror, store, progress=False)
 
     shards = [p for p in renamed if "/shards/" in p]
