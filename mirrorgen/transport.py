@@ -323,7 +323,7 @@ class GroupCommit:
     ``clean``: never under a final name, never recorded)."""
 
     def __init__(self, store: Store, on_published: Callable[[list[tuple[Any, Staged]]], None], *,
-                 max_files: int = 512, max_delay: float = 0.25) -> None:
+                 max_files: int = 4096, max_delay: float = 1.0) -> None:
         self.store, self.on_published = store, on_published
         self.max_files, self.max_delay = max_files, max_delay
         self._pending: list[tuple[Any, Staged]] = []

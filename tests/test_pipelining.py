@@ -1,0 +1,171 @@
+"""Pipelined downloads: small files are requested ahead on one connection and answered in order.
+
+The upstream here is a raw HTTP/1.1 server on loopback (asyncio streams, not aiohttp), so that a
+test can see what the client really sent on each connection (how many requests were waiting
+before the first response went out) and can misbehave the way real servers do: close a
+connection after a number of responses (nginx's keepalive_requests), announced or not; keep no
+connection alive at all; send chunked bodies; answer 503 once; cut a body short.
+
+Whatever the upstream does, every file must arrive whole and verified, and requests lost with a
+closed connection must be sent again without being counted as failed attempts (``retries=0``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mirrorgen.store import TEMP_PREFIX, Store
+from mirrorgen.transport import FetchRequest, Staged, Transport
+
+FILES = {f"/c/pkg-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (20 + i % 50) for i in range(120)}
+
+
+@dataclass
+class Upstream:
+    url: str
+    close_after: int = 0          # close each connection after this many responses (0: never)
+    announce_close: bool = True   # ... saying so in the last response (Connection: close)
+    no_keepalive: bool = False    # every response closes its connection
+    chunked: bool = False
+    fail_once: set[str] = field(default_factory=set)   # paths answered 503 the first time
+    cut_once: set[str] = field(default_factory=set)    # paths whose body is cut the first time
+    connections: int = 0
+    served: list[str] = field(default_factory=list)
+    # for each connection, the most requests ever received and not yet answered
+    most_waiting: list[int] = field(default_factory=list)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream("")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up.connections += 1
+        index = len(up.most_waiting)
+        up.most_waiting.append(0)
+        buffered = b""
+        answered = 0
+        try:
+            while True:
+                # Whatever has arrived by now counts as waiting (a pipelining client sends ahead).
+                try:
+                    buffered += await asyncio.wait_for(reader.read(65536), 0.05) if not buffered else b""
+                except asyncio.TimeoutError:
+                    continue
+                if not buffered:
+                    return
+                await asyncio.sleep(0.001)  # let requests sent ahead arrive
+                with_more = reader._buffer  # type: ignore[attr-defined]  # what the stream holds
+                waiting = (buffered + bytes(with_more)).count(b"\r\n\r\n")
+                up.most_waiting[index] = max(up.most_waiting[index], waiting)
+                while b"\r\n\r\n" not in buffered:
+                    more = await reader.read(65536)
+                    if not more:
+                        return
+                    buffered += more
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                path = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
+                up.served.append(path)
+                answered += 1
+                last = up.no_keepalive or (up.close_after and answered == up.close_after)
+                headers = ["HTTP/1.1 200 OK"]
+                if last and (up.announce_close or up.no_keepalive):
+                    headers.append("Connection: close")
+                body = FILES.get(path)
+                if body is None:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                elif path in up.fail_once:
+                    up.fail_once.discard(path)
+                    writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+                elif path in up.cut_once:
+                    up.cut_once.discard(path)
+                    headers.append(f"Content-Length: {len(body)}")
+                    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body[:len(body) // 2])
+                    await writer.drain()
+                    return
+                elif up.chunked:
+                    headers.append("Transfer-Encoding: chunked")
+                    half = len(body) // 2
+                    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]))
+                    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + chunks + b"0\r\n\r\n")
+                else:
+                    headers.append(f"Content-Length: {len(body)}")
+                    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
+                await writer.drain()
+                if last:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    up.url = f"http://127.0.0.1:{port}"
+    async with server:
+        yield up
+        server.close()
+
+
+async def fetch_all(up: Upstream, tmp_path: Path, *, retries: int = 0, concurrency: int = 4) -> dict[str, object]:
+    store = Store(tmp_path / "root")
+    requests = [FetchRequest(path, up.url + path, tmp_path / "root" / "m" / path.rsplit("/", 1)[1],
+                             len(body), hashlib.sha256(body).hexdigest(), None)
+                for path, body in FILES.items()]
+    async with Transport(retries=retries, backoff=0.01, concurrency=concurrency) as transport:
+        outcomes = {request.key: outcome async for request, outcome in transport.fetch_many(requests, store)}
+    assert set(outcomes) == set(FILES)
+    for path, outcome in outcomes.items():
+        assert isinstance(outcome, Staged), f"{path}: {outcome}"
+        assert outcome.tmp is not None and outcome.tmp.read_bytes() == FILES[path], path
+        assert outcome.entry.sha256 == hashlib.sha256(FILES[path]).hexdigest()
+        outcome.discard()
+    assert not list((tmp_path / "root").rglob(f"{TEMP_PREFIX}*"))
+    return outcomes
+
+
+async def test_small_files_are_requested_ahead_on_one_connection(upstream: Upstream, tmp_path: Path) -> None:
+    await fetch_all(upstream, tmp_path)
+    assert upstream.connections == 1  # small files all go to one thread
+    assert max(upstream.most_waiting) > 1  # requests were waiting before responses went out
+    assert sorted(upstream.served) == sorted(FILES)  # each asked for once
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["announced", "unannounced"])
+async def test_requests_lost_with_a_closed_connection_are_sent_again_not_failed(
+        upstream: Upstream, tmp_path: Path, announce: bool) -> None:
+    upstream.close_after, upstream.announce_close = 7, announce
+    await fetch_all(upstream, tmp_path, retries=0)
+    assert upstream.connections >= len(FILES) // 7
+    assert set(upstream.served) == set(FILES)
+
+
+async def test_an_upstream_that_keeps_no_connection_alive_gets_one_request_per_connection(
+        upstream: Upstream, tmp_path: Path) -> None:
+    upstream.no_keepalive = True
+    await fetch_all(upstream, tmp_path, retries=0)
+    # After the first connection showed it, nothing more is sent ahead.
+    assert max(upstream.most_waiting[1:]) == 1
+    assert set(upstream.served) == set(FILES)
+
+
+async def test_chunked_bodies_among_requests_sent_ahead(upstream: Upstream, tmp_path: Path) -> None:
+    upstream.chunked = True
+    await fetch_all(upstream, tmp_path, retries=0)
+    assert set(upstream.served) == set(FILES)
+
+
+async def test_a_503_and_a_cut_body_among_requests_sent_ahead_are_retried(upstream: Upstream, tmp_path: Path) -> None:
+    paths = sorted(FILES)
+    upstream.fail_once = {paths[10], paths[50]}
+    upstream.cut_once = {paths[30]}
+    await fetch_all(upstream, tmp_path, retries=1)
+    for path in (paths[10], paths[30], paths[50]):
+        assert upstream.served.count(path) >= 2
+    assert max(upstream.most_waiting) > 1
