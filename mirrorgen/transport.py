@@ -9,8 +9,11 @@ Index files (a few, parsed in memory) come through aiohttp on the event loop. Pa
 (:class:`_Lane`, plain HTTP/1.1 with kept-alive connections): the body is received straight into
 one reused buffer, hashed and written from there, in calls that release the GIL, so the event loop
 never waits for a disk or a hash, and a byte is copied only from the socket and into the page
-cache. A verified file stays under its temporary name until :class:`GroupCommit` publishes it
-with a batch of others: one filesystem sync for the batch instead of two fsyncs per file.
+cache. Small files go to one thread, which pipelines their requests (sends up to 32 ahead on its
+connection) instead of waiting a round trip for each; large ones to every thread (see
+:meth:`_Batch.take`). A verified file stays under its temporary name until :class:`GroupCommit`
+publishes it with a batch of others: one filesystem sync for the batch instead of two fsyncs per
+file.
 """
 
 from __future__ import annotations
