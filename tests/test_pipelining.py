@@ -169,3 +169,17 @@ async def test_a_503_and_a_cut_body_among_requests_sent_ahead_are_retried(upstre
     for path in (paths[10], paths[30], paths[50]):
         assert upstream.served.count(path) >= 2
     assert max(upstream.most_waiting) > 1
+
+
+@pytest.mark.parametrize("url", [
+    "http://u:p@h:81/a b/c%20d/x y.conda", "http://h/x", "https://h/d/e/f-1.0.tar.bz2",
+    "http://h/d/e/f?x=1/2", "http://[::1]:80/a/b", "http://h"])
+def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(url: str) -> None:
+    from mirrorgen.transport import _encode_request, _host_header, _Lane, _prepare
+
+    lane = _Lane.__new__(_Lane)  # no thread: only its request cache
+    lane._bases = {}
+    key, target, headers = _prepare(url, url)
+    want = (key, _encode_request(target, _host_header(key), headers))
+    assert lane._encode(url, url) == want
+    assert lane._encode(url, url) == want  # from the cache the second time
