@@ -502,11 +502,10 @@ class _Batch:
 class _Job:
     """One download handed to a lane; ``cancel`` (from the loop) makes the lane drop it."""
 
-    def __init__(self, url: str, final: Path, store: Store, size: int | None, hasher: _Hasher) -> None:
-        self.url, self.final, self.store, self.size, self.hasher = url, final, store, size, hasher
+    def __init__(self, url: str, final: Path, batch: _Batch, size: int | None, hasher: _Hasher) -> None:
+        self.url, self.final, self.batch, self.size, self.hasher = url, final, batch, size, hasher
         self.cancelled = False
         self.sock: socket.socket | None = None
-        self.batch: _Batch | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -778,8 +777,7 @@ class _Lane:
         self.serial: set[tuple[str, str, int]] = set()  # upstreams sent one request at a time
         # URL up to its last "/" -> (connection key, request bytes before the name, after it).
         self._bases: dict[str, tuple[tuple[str, str, int], bytes, bytes]] = {}
-        self.depth = _PIPELINE_LARGE
-        self.first = False
+        self.first = False  # the thread that takes small files, in the batch it runs now
         self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
                                             asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._work, name="mirrorgen-download", daemon=True)
@@ -820,7 +818,6 @@ class _Lane:
         sent ahead whose connection goes before its response begins is sent again, not
         counted as an attempt."""
         self.ahead.clear()
-        self.depth = _PIPELINE_SMALL if first else _PIPELINE_LARGE
         self.first = first
         try:
             while not batch.stopped.is_set():
@@ -846,9 +843,8 @@ class _Lane:
         for attempt in range(batch.retries + 1):
             if attempt and not batch.pause(attempt):
                 return None
-            job = _Job(request.url, request.final, batch.store, request.size,
+            job = _Job(request.url, request.final, batch, request.size,
                        _Hasher(request.sha256, request.md5, batch.verify))
-            job.batch = batch
             batch.started(job)
             try:
                 if path is not None:
@@ -890,7 +886,7 @@ class _Lane:
 
     def _receive(self, job: _Job, resp: _Response) -> Staged:
         size, buf = job.size, self.buf
-        sink = _Sink(job.store, job.final, job.hasher, self.dirs)
+        sink = _Sink(job.batch.store, job.final, job.hasher, self.dirs)
         try:
             sink.open()
             got = 0
@@ -989,8 +985,7 @@ class _Lane:
                     # A new connection that closes after one response, with requests sent
                     # ahead on it: nothing is sent ahead to this upstream any more.
                     self.serial.add(key)
-                    if job.batch is not None:
-                        job.batch.unpipelined = True
+                    job.batch.unpipelined = True
                 return resp
             except OSError as exc:
                 self._drop(key)
@@ -1006,10 +1001,11 @@ class _Lane:
         yet, taking more from the batch up to the lane's depth. In order: responses come in the
         order requests were sent, and the lane reads them in the order it takes requests."""
         batch = job.batch
-        if batch is None or len(conn.inflight) > self.depth // 2 + 1:
+        depth = _PIPELINE_SMALL if self.first else _PIPELINE_LARGE
+        if len(conn.inflight) > depth // 2 + 1:
             return  # enough on their way: more later, many per system call
         ahead = self.ahead
-        while len(ahead) < self.depth and (more := batch.take(self.first, len(ahead))) is not None:
+        while len(ahead) < depth and (more := batch.take(self.first, len(ahead))) is not None:
             ahead.append(more)
         out: list[bytes] = []
         # conn.inflight: this job's request, then the first of ``ahead``, sent already.

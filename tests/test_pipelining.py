@@ -51,6 +51,15 @@ async def upstream() -> AsyncIterator[Upstream]:
         up.most_waiting.append(0)
         buffered = b""
         answered = 0
+        held: list[bytes] = []
+
+        def send(data: bytes) -> None:
+            # Chunked responses to requests already here go out in one write: the client then
+            # finds the next response's bytes right after a chunked body.
+            held.append(data)
+            if not (up.chunked and b"\r\n\r\n" in buffered):
+                writer.write(b"".join(held))
+                held.clear()
         try:
             while True:
                 # Whatever has arrived by now counts as waiting (a pipelining client sends ahead).
@@ -79,30 +88,32 @@ async def upstream() -> AsyncIterator[Upstream]:
                     headers.append("Connection: close")
                 body = FILES.get(path)
                 if body is None:
-                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 elif path in up.fail_once:
                     up.fail_once.discard(path)
-                    writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+                    send(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
                 elif path in up.cut_once:
                     up.cut_once.discard(path)
                     headers.append(f"Content-Length: {len(body)}")
-                    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body[:len(body) // 2])
+                    send(("\r\n".join(headers) + "\r\n\r\n").encode() + body[:len(body) // 2])
                     await writer.drain()
                     return
                 elif up.chunked:
                     headers.append("Transfer-Encoding: chunked")
                     half = len(body) // 2
                     chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]))
-                    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + chunks + b"0\r\n\r\n")
+                    send(("\r\n".join(headers) + "\r\n\r\n").encode() + chunks + b"0\r\n\r\n")
                 else:
                     headers.append(f"Content-Length: {len(body)}")
-                    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
+                    send(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
                 await writer.drain()
                 if last:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            if held:
+                writer.write(b"".join(held))
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
