@@ -757,8 +757,10 @@ def _header_end(data: bytearray, start: int) -> int:
     """Where the header block in ``data`` ends (just past its empty line), or -1. A bare LF
     ends a line too (RFC 9112 section 2.2 lets a recipient accept it; llhttp does)."""
     crlf = data.find(b"\r\n\r\n", start)
-    lf = data.find(b"\n\n", start)
-    if lf >= 0 and (crlf < 0 or lf + 2 < crlf + 4):
+    # A bare "\n\n" ends the block only if it comes first: look no further than that (a body
+    # received with its headers is not scanned, which cost a pass over every first read).
+    lf = data.find(b"\n\n", start, len(data) if crlf < 0 else crlf + 3)
+    if lf >= 0:
         return lf + 2
     return crlf + 4 if crlf >= 0 else -1
 

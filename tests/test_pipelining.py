@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mirrorgen.store import TEMP_PREFIX, Store
-from mirrorgen.transport import FetchRequest, Staged, Transport
+from mirrorgen.transport import FetchRequest, Staged, Transport, _header_end
 
 FILES = {f"/c/pkg-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (20 + i % 50) for i in range(120)}
 
@@ -194,3 +194,14 @@ def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(
     want = (key, _encode_request(target, _host_header(key), headers))
     assert lane._encode(url, url) == want
     assert lane._encode(url, url) == want  # from the cache the second time
+
+
+@pytest.mark.parametrize(("data", "end"), [
+    (b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody\n\nmore", 25),     # "\n\n" in the body: not the end
+    (b"HTTP/1.1 200 OK\nA: b\n\nbody\r\n\r\n", 22),             # bare LF, CRLFs in the body
+    (b"HTTP/1.1 200 OK\r\nA: b\n\nbody\r\n\r\n", 23),          # a bare LF ends a CRLF block
+    (b"HTTP/1.1 200 OK\r\nA: b\r\n\nbody", 24),                 # CRLF then LF
+    (b"HTTP/1.1 200 OK\r\nA: b\r\n", -1),                        # not yet complete
+])
+def test_the_header_block_ends_at_its_first_empty_line(data: bytes, end: int) -> None:
+    assert _header_end(bytearray(data), 0) == end
