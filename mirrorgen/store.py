@@ -19,7 +19,9 @@ import hashlib
 import itertools
 import os
 import re
+import resource
 import secrets
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
@@ -30,7 +32,8 @@ import zstandard
 
 from .errors import LockedError, UnsafePath
 
-__all__ = ["Store", "Manifest", "Entry", "STATE_DIR", "TEMP_PREFIX", "fsync_path", "hash_file"]
+__all__ = ["Store", "Manifest", "Entry", "OpenTemp", "Temp", "STATE_DIR", "TEMP_PREFIX", "fsync_path",
+           "hash_file", "unnamed_temps"]
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
@@ -125,7 +128,7 @@ class Store:
         it = iter(items)
         written = 0
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorgen-commit") as pool:
-            commits: list[tuple[concurrent.futures.Future[None], list[tuple[Path, Path]]]] = []
+            commits: list[tuple[concurrent.futures.Future[None], list[tuple[Temp, Path]]]] = []
             try:
                 while temps := self.stage_batch(itertools.islice(it, group)):
                     commits.append((pool.submit(self.publish_temps, temps), temps))
@@ -196,14 +199,15 @@ class Store:
             raise
         return temps
 
-    def stage_batch(self, items: Iterable[tuple[Path, bytes]]) -> list[tuple[Path, Path]]:
-        """Each of ``items`` staged (raw file descriptors, one write each: small files by the
-        thousand). If one fails, those staged so far are removed and the error is raised."""
-        temps: list[tuple[Path, Path]] = []
+    def stage_batch(self, items: Iterable[tuple[Path, bytes]]) -> list[tuple[Temp, Path]]:
+        """Each of ``items`` staged (raw file descriptors, one write each, :class:`OpenTemp`
+        files where possible: small files by the thousand). If one fails, those staged so far
+        are removed and the error is raised."""
+        temps: list[tuple[Temp, Path]] = []
         parents: set[Path] = set()
         try:
             for final, data in items:
-                tmp, fd = self.open_temp(final, parent_exists=final.parent in parents)
+                tmp, fd = self.open_temp(final, parent_exists=final.parent in parents, anonymous=True)
                 parents.add(final.parent)
                 temps.append((tmp, final))
                 try:
@@ -211,13 +215,14 @@ class Store:
                     while view:
                         view = view[os.write(fd, view):]
                 finally:
-                    os.close(fd)
+                    if not isinstance(tmp, OpenTemp):
+                        os.close(fd)
         except BaseException:
             self.discard_temps(temps)
             raise
         return temps
 
-    def publish_staged(self, temps: Sequence[tuple[Path, Path]]) -> None:
+    def publish_staged(self, temps: Sequence[tuple[Temp, Path]]) -> None:
         """:meth:`publish_temps`, or, if that fails, :meth:`discard_temps` (nothing left behind)."""
         try:
             self.publish_temps(temps)
@@ -226,12 +231,10 @@ class Store:
             raise
 
     @staticmethod
-    def discard_temps(temps: Iterable[tuple[Path | None, Path]]) -> None:
-        """Remove staged files that will not be published (those renamed already are gone)."""
+    def discard_temps(temps: Iterable[tuple[Temp | None, Path]]) -> None:
+        """Remove staged files that will not be published (those published already are gone)."""
         for tmp, _ in temps:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            discard_temp(tmp)
 
     def write_state(self, mirror: str | None, name: str, document: Any, *, indent: bool = True) -> None:
         path = self.state_dir(mirror) / name
@@ -259,16 +262,25 @@ class Store:
 
     # -- group commit (downloads) ----------------------------------------------------------------
 
-    def open_temp(self, final: Path, *, parent_exists: bool = False) -> tuple[Path, int]:
-        """A new temporary file next to ``final`` (``TEMP_PREFIX``, a per-process tag and counter,
-        then the final name), as a raw file descriptor for writes from a worker thread. The caller closes it, then either hands
-        the name to :meth:`publish_temps` or unlinks it. ``parent_exists``: the caller has seen
-        the directory already (one system call instead of three; made again if it is gone)."""
+    def open_temp(self, final: Path, *, parent_exists: bool = False,
+                  anonymous: bool = False) -> tuple[Temp, int]:
+        """A new temporary file next to ``final``, and a raw file descriptor for writes from a
+        worker thread. ``parent_exists``: the caller has seen the directory already (one system
+        call instead of three; made again if it is gone).
+
+        ``anonymous``: an :class:`OpenTemp` (a file with no name, held open) where the filesystem
+        allows it and the process has file descriptors to spare; the caller must not close the
+        descriptor then (publishing or discarding the temp does). Otherwise, and always without
+        ``anonymous``: a named file (``TEMP_PREFIX``, a per-process tag and counter, then the
+        final name), which the caller closes. Either way it goes to :meth:`publish_temps` or
+        :meth:`discard_temps`."""
         if not parent_exists:
             final.parent.mkdir(parents=True, exist_ok=True)
+        if anonymous and (fd := _ANONYMOUS.open(final.parent)) >= 0:
+            return OpenTemp(fd), fd
         while True:
             # Unique per process by the counter (no urandom call per file); O_EXCL settles the rest.
-            tmp = final.parent / f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}-{final.name}"[:_MAX_PART]
+            tmp = _temp_name(final)
             try:
                 return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileExistsError:
@@ -279,13 +291,14 @@ class Store:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 parent_exists = False
 
-    def publish_temps(self, items: Sequence[tuple[Path | None, Path]]) -> None:
-        """Group commit of closed temporary files (``(tmp, final)`` pairs): one filesystem sync
-        makes every one of them durable, then each is renamed to its final name, then each
-        directory touched is fsynced once. Only when this returns is a file both complete and
-        durable under its final name; a process killed before leaves it under its temporary name.
+    def publish_temps(self, items: Sequence[tuple[Temp | None, Path]]) -> None:
+        """Group commit of staged files (``(temp, final)`` pairs): one filesystem sync makes
+        every one of them durable, then each is put under its final name (a named temp renamed,
+        an :class:`OpenTemp` linked), then each directory touched is fsynced once. Only when this
+        returns is a file both complete and durable under its final name; a process killed
+        before leaves it under its temporary name, or nowhere.
 
-        ``tmp`` None: a file already under its final name (found on disk, re-hashed): it gets
+        ``temp`` None: a file already under its final name (found on disk, re-hashed): it gets
         the same sync and directory fsync, so whatever is recorded afterwards is durable too.
         Several filesystems (a subdirectory mounted elsewhere) get one sync each. A batch of a
         few files (downloads trickling in) gets an fsync per file instead: a filesystem sync
@@ -295,7 +308,10 @@ class Store:
         parents = {final.parent for _, final in items}
         if len(items) <= _FSYNC_FILES_MAX:
             for tmp, final in items:
-                fsync_path(tmp if tmp is not None else final)
+                if isinstance(tmp, OpenTemp):
+                    os.fsync(tmp.fd)
+                else:
+                    fsync_path(tmp if tmp is not None else final)
         else:
             devices: dict[int, Path] = {}
             for parent in parents:
@@ -303,7 +319,10 @@ class Store:
             for parent in devices.values():
                 _sync_filesystem(parent)
         for tmp, final in items:
-            if tmp is not None:
+            if isinstance(tmp, OpenTemp):
+                tmp.link(final)
+                tmp.close()
+            elif tmp is not None:
                 os.replace(tmp, final)
         for parent in parents:
             fsync_path(parent, directory=True)
@@ -333,6 +352,169 @@ _LIBC: Any = None
 _TEMP_RUN: Final = secrets.token_hex(4)
 _TEMP_COUNTER: Final = itertools.count()
 _FSYNC_FILES_MAX: Final = 4  # publish_temps: up to this many files, fsync each; more, sync the fs
+
+
+def _temp_name(final: Path) -> Path:
+    return final.parent / f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}-{final.name}"[:_MAX_PART]
+
+
+class OpenTemp:
+    """A staged file with no name yet: an ``O_TMPFILE`` in its final directory, held open until
+    :meth:`Store.publish_temps` links it under its final name.
+
+    Publishing it is one directory operation (a link) where a named temporary file costs two (a
+    create, then a rename): for thousands of small files (shards, small packages) the file
+    system's directory work is most of the cost. A run killed before publishing leaves nothing
+    behind, not even a temporary name. Each holds a file descriptor until published or
+    discarded, so a process holds at most ``_AnonymousFiles.limit`` of them; past that, and
+    where the filesystem cannot (O_TMPFILE, /proc), files get temporary names."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __repr__(self) -> str:
+        return f"OpenTemp(fd={self.fd})"
+
+    def link(self, final: Path) -> None:
+        """Give the file its final name, replacing a file there at once (never a moment with
+        no file under that name)."""
+        try:
+            os.link(str(self.fd), final, src_dir_fd=_ANONYMOUS.proc_fd())
+            return
+        except FileExistsError:
+            pass
+        while True:
+            tmp = _temp_name(final)
+            try:
+                os.link(str(self.fd), tmp, src_dir_fd=_ANONYMOUS.proc_fd())
+                break
+            except FileExistsError:
+                continue
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def read_bytes(self) -> bytes:
+        """What was written (tests, and callers that check a staged file)."""
+        out, offset = bytearray(), 0
+        while chunk := os.pread(self.fd, 1 << 20, offset):
+            out += chunk
+            offset += len(chunk)
+        return bytes(out)
+
+    def close(self) -> None:
+        """Drop the file (if it was not linked) and its descriptor; again: nothing."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)
+            finally:
+                _ANONYMOUS.release()
+
+
+Temp = Path | OpenTemp  # a staged file: a named temporary file, or an OpenTemp
+
+
+def discard_temp(tmp: Temp | None) -> None:
+    """A staged file that will not be published: removed (None, or one published already: nothing)."""
+    if isinstance(tmp, OpenTemp):
+        tmp.close()
+    elif tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def unnamed_temps() -> int:
+    """How many :class:`OpenTemp` files this process holds (staged, neither published nor
+    discarded): what a directory listing cannot show."""
+    return _ANONYMOUS.held
+
+
+class _AnonymousFiles:
+    """Where :class:`OpenTemp` files can be made, and how many may be open at once.
+
+    The limit leaves most of the process's file descriptors to everything else: half of the
+    soft RLIMIT_NOFILE (raised to the hard limit first, up to 65,536, as servers do), less a
+    reserve, at most 16,384. Whether a directory takes ``O_TMPFILE`` files that ``linkat``
+    through ``/proc/self/fd`` can name is tried once per directory (not every filesystem
+    can, and /proc may not be mounted)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+        self.limit: int | None = None
+        self._dirs: dict[Path, bool] = {}
+        self._proc_fd = -1
+
+    def _init_limit(self) -> int:
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+            if soft != resource.RLIM_INFINITY and soft < want:
+                with contextlib.suppress(ValueError, OSError):
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                    soft = want
+            if soft == resource.RLIM_INFINITY:
+                soft = 65536
+        except (ValueError, OSError):
+            soft = 1024
+        return max(0, min(16384, (soft - 512) // 2))
+
+    def proc_fd(self) -> int:
+        if self._proc_fd < 0:
+            with self._lock:
+                if self._proc_fd < 0:
+                    self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._proc_fd
+
+    def open(self, parent: Path) -> int:
+        """An O_TMPFILE descriptor in ``parent``, or -1 (none to spare, or not possible there)."""
+        if not _O_TMPFILE:
+            return -1
+        with self._lock:
+            if self.limit is None:
+                self.limit = self._init_limit()
+            if self.held >= self.limit:
+                return -1
+            self.held += 1
+        try:
+            usable = self._dirs.get(parent)
+            if usable is None:
+                usable = self._dirs[parent] = self._probe(parent)
+            if usable:
+                return os.open(parent, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        except OSError:
+            pass  # the directory went away, or no descriptors left: a named file says why
+        self.release()
+        return -1
+
+    def release(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+    def _probe(self, parent: Path) -> bool:
+        try:
+            fd = os.open(parent, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return False  # EOPNOTSUPP, EISDIR (a kernel before 3.11), ...
+        probe = _temp_name(parent / "probe")
+        try:
+            os.link(str(fd), probe, src_dir_fd=self.proc_fd())
+            os.unlink(probe)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+
+_O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
+_ANONYMOUS: Final = _AnonymousFiles()
 
 
 def _sync_filesystem(path: Path) -> None:

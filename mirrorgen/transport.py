@@ -44,7 +44,7 @@ import aiohttp
 import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
-from .store import Entry, Store
+from .store import Entry, OpenTemp, Store, Temp, discard_temp
 from .urls import is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
@@ -300,17 +300,16 @@ def _copy_local(url: str, path: Path, final: Path, store: Store, size: int | Non
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """A verified file under its temporary name ``tmp`` next to ``final``, closed but not yet
-    durable; ``tmp`` None for a file found (and re-hashed) under its final name."""
-    tmp: Path | None
+    """A verified file, staged next to ``final`` (``tmp``: a temporary name or an OpenTemp, see
+    :meth:`Store.open_temp`), not yet durable; ``tmp`` None for a file found (and re-hashed)
+    under its final name."""
+    tmp: Temp | None
     final: Path
     entry: Entry
     bytes_downloaded: int
 
     def discard(self) -> None:
-        if self.tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp)
+        discard_temp(self.tmp)
 
 
 class GroupCommit:
@@ -1088,7 +1087,7 @@ class _Sink:
 
     def __init__(self, store: Store, final: Path, hasher: _Hasher, dirs: set[Path] | None = None) -> None:
         self.store, self.final, self.hasher, self.dirs = store, final, hasher, dirs
-        self.tmp: Path | None = None
+        self.tmp: Temp | None = None
         self.fd = -1
 
     def open(self) -> None:
@@ -1096,7 +1095,7 @@ class _Sink:
         one thread, so that a directory is made (and checked) once, not once per file."""
         parent = self.final.parent
         known = self.dirs is not None and parent in self.dirs
-        self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known)
+        self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known, anonymous=True)
         if self.dirs is not None and not known:
             self.dirs.add(parent)
 
@@ -1111,7 +1110,8 @@ class _Sink:
         st = os.fstat(self.fd)
         if st.st_size != got:  # never expected: what was written is not what was received
             raise SizeMismatch(url, got, st.st_size)
-        os.close(self.fd)
+        if not isinstance(self.tmp, OpenTemp):  # an OpenTemp keeps its descriptor until published
+            os.close(self.fd)
         self.fd = -1
         assert self.tmp is not None
         staged = Staged(self.tmp, self.final, Entry(st.st_size, digests[0], digests[1], st.st_mtime_ns), got)
@@ -1119,14 +1119,13 @@ class _Sink:
         return staged
 
     def abort(self) -> None:
-        if self.fd >= 0:
+        if self.fd >= 0 and not isinstance(self.tmp, OpenTemp):
             with contextlib.suppress(OSError):
                 os.close(self.fd)
-            self.fd = -1
-        if self.tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-            self.tmp = None
+        self.fd = -1
+        with contextlib.suppress(OSError):
+            discard_temp(self.tmp)
+        self.tmp = None
 
 
 class _Hasher:

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from mirrorgen.errors import SizeMismatch, UpstreamError
-from mirrorgen.store import TEMP_PREFIX, Manifest, Store
+from mirrorgen.store import TEMP_PREFIX, Manifest, Store, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.transport import FetchRequest, GroupCommit, Staged, Transport
 from mirrorgen.verify import verify_mirror
@@ -31,8 +31,10 @@ def packages(root: Path) -> set[str]:
             if p.is_file() and p.name.endswith((".conda", ".tar.bz2")) and not p.name.startswith(TEMP_PREFIX)}
 
 
-def temps(root: Path) -> list[Path]:
-    return list(root.rglob(f"{TEMP_PREFIX}*"))
+def temps(root: Path) -> list[str]:
+    """Staged files not published: under temporary names in ``root``, and unnamed ones (O_TMPFILE)
+    this process holds."""
+    return [*(p.as_posix() for p in root.rglob(f"{TEMP_PREFIX}*")), *["(unnamed)"] * unnamed_temps()]
 
 
 def journal(config) -> list[str]:  # type: ignore[no-untyped-def]
@@ -40,14 +42,18 @@ def journal(config) -> list[str]:  # type: ignore[no-untyped-def]
     return [orjson.loads(line)[1] for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
-async def killed_sync(config, when: str) -> int:  # type: ignore[no-untyped-def]
+async def killed_sync(config, when: str, *, anonymous: bool = True) -> int:  # type: ignore[no-untyped-def]
     """``mirrorgen sync`` in a subprocess that SIGKILLs itself at the first group commit of
     package files:
     ``before`` it makes anything durable or renames it, or ``after`` the renames but before the
-    manifest records the batch. The test's loop keeps serving the upstream meanwhile."""
+    manifest records the batch. The test's loop keeps serving the upstream meanwhile.
+    ``anonymous`` False: no O_TMPFILE files, every download under a temporary name."""
     code = f"""
 import os, signal, sys
+import mirrorgen.store
 from mirrorgen.store import Store
+if not {anonymous!r}:
+    mirrorgen.store._ANONYMOUS.limit = 0
 original = Store.publish_temps
 def publish_temps(self, items):
     if not any(str(final).endswith((".conda", ".tar.bz2")) for _, final in items):
@@ -71,13 +77,16 @@ def package_requests(upstream, since: int) -> list[str]:  # type: ignore[no-unty
             if r.endswith((".conda", ".tar.bz2"))]
 
 
+@pytest.mark.parametrize("anonymous", [True, False], ids=["O_TMPFILE", "named-temps"])
 async def test_a_run_killed_between_download_and_commit_publishes_and_records_nothing(
-        upstream, write_config) -> None:
+        upstream, write_config, anonymous: bool) -> None:
     config = write_config(upstream.channel_url)
-    assert await killed_sync(config, "before") == -9
+    assert await killed_sync(config, "before", anonymous=anonymous) == -9
     mirror = config.root / "conda-demo"
-    # Downloaded and verified, but never committed: under temporary names only, and unrecorded.
-    assert packages(mirror) == set() and temps(mirror)
+    # Downloaded and verified, but never committed: unnamed files (gone with the process), or
+    # under temporary names only; unrecorded either way.
+    assert packages(mirror) == set()
+    assert bool(temps(mirror)) is not anonymous
     assert journal(config) == []
 
     before = len(upstream.control.requests)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mirrorgen.errors import RepodataError, UpstreamError
-from mirrorgen.store import Store, TEMP_PREFIX
+from mirrorgen.store import Store, TEMP_PREFIX, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.verify import verify_mirror
 
@@ -52,7 +52,7 @@ async def test_a_file_failing_its_sha256_is_not_published_and_the_run_exits_1(up
     assert bad in err and "sha256 mismatch" in err and "Traceback" not in err
     assert bad not in listed(config.root, "linux-64")
     assert not (config.root / "conda-demo" / "linux-64" / bad).exists()
-    assert not list(config.root.rglob(f"{TEMP_PREFIX}*"))
+    assert not list(config.root.rglob(f"{TEMP_PREFIX}*")) and unnamed_temps() == 0
     # Everything else was published, and installs are verified by the client too.
     others = set(upstream.files("linux-64")) - {bad}
     assert others <= listed(config.root, "linux-64")

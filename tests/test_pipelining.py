@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorgen.store import TEMP_PREFIX, Store
+from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
 from mirrorgen.transport import FetchRequest, Staged, Transport, _header_end
 
 FILES = {f"/c/pkg-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (20 + i % 50) for i in range(120)}
@@ -137,7 +137,7 @@ async def fetch_all(up: Upstream, tmp_path: Path, *, retries: int = 0, concurren
         assert outcome.tmp is not None and outcome.tmp.read_bytes() == FILES[path], path
         assert outcome.entry.sha256 == hashlib.sha256(FILES[path]).hexdigest()
         outcome.discard()
-    assert not list((tmp_path / "root").rglob(f"{TEMP_PREFIX}*"))
+    assert not list((tmp_path / "root").rglob(f"{TEMP_PREFIX}*")) and unnamed_temps() == 0
     return outcomes
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mirrorgen.store import TEMP_PREFIX, Store
+from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.workers import WorkerPool
 
@@ -25,7 +25,8 @@ def index_files(mirror: Path) -> dict[str, bytes]:
 
 
 def temporaries(root: Path) -> list[str]:
-    return [p.as_posix() for p in root.rglob(f"{TEMP_PREFIX}*")]
+    """Staged files not published: named ones in ``root``, and unnamed ones this process holds."""
+    return [*(p.as_posix() for p in root.rglob(f"{TEMP_PREFIX}*")), *["(unnamed)"] * unnamed_temps()]
 
 
 def hotfix(channel: Path) -> None:
