@@ -129,6 +129,10 @@ class Mirrorgen:
         return {**os.environ, "PYTHONPATH": str(self.pythonpath), "NO_COLOR": "1", "TERM": "dumb"}
 
     def run(self, *args: str, **kwargs: Any) -> Measured:
+        # In its own checkout: a build older than the fix in mirrorgen.workers starts its worker
+        # processes with the current directory first on their path, and from this checkout they
+        # would run this checkout's code.
+        kwargs.setdefault("cwd", self.pythonpath)
         return measure(self.cmd(*args), env=self.env(), **kwargs)
 
 

@@ -12,6 +12,7 @@ process that imports only what a job needs has neither problem.
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import subprocess
@@ -59,10 +60,21 @@ class WorkerError(RuntimeError):
     pass
 
 
+def _child_command() -> tuple[list[str], dict[str, str]]:
+    """How to start a worker that runs this very copy of mirrorgen: its parent directory first
+    on the child's path, and -P, so that neither the current directory (another checkout, say)
+    nor an installed copy is imported instead."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": here + (os.pathsep + path if path else "")}
+    return [sys.executable, "-P", "-m", "mirrorgen.workers"], env
+
+
 class WorkerPool:
     def __init__(self, workers: int) -> None:
-        self.procs = [subprocess.Popen([sys.executable, "-m", "mirrorgen.workers"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE) for _ in range(max(1, workers))]
+        command, env = _child_command()
+        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                      for _ in range(max(1, workers))]
         # A thread per worker reads its replies as soon as they come, so a worker never waits
         # for the consumer of the results to hand it its next task.
         self._replies: list[queue.SimpleQueue[object | None]] = [queue.SimpleQueue() for _ in self.procs]

@@ -178,3 +178,22 @@ def test_worker_pool_map_left_early_stops_drawing_tasks_and_closes() -> None:
         results.close()  # the consumer is gone: the dispatcher stops, nothing hangs
     assert len(drawn) < 100
     assert threading.active_count() <= before
+
+
+def test_worker_processes_run_this_copy_of_mirrorgen_whatever_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another copy of mirrorgen in the current directory (a second checkout, say) whose worker
+    # answers differently: the pool must not start that one.
+    fake = tmp_path / "mirrorgen"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "workers.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    with WorkerPool(1) as pool:
+        assert list(pool.map("encode_shards", [[b"[{},{},[]]"]])) == [[zstd_of_empty_shard()]]
+
+
+def zstd_of_empty_shard() -> bytes:
+    from mirrorgen.conda.shards import encode_shard
+
+    return encode_shard({}, {})
