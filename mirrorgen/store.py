@@ -1,7 +1,8 @@
 """The tree on disk. Nothing else in mirrorgen writes under ``root``.
 
-- Every file is written under a temporary name in its final directory, fsynced, then renamed, so
-  a partly written file is never visible under its final name (SPEC §4).
+- Every file is written to a temporary file in its final directory (under a temporary name, or
+  with no name: :class:`OpenTemp`), made durable, then put under its final name, so a partly
+  written file is never visible under its final name (SPEC §4).
 - Every path comes through :meth:`Store.resolve`, which refuses anything that would land outside
   the mirror's directory (``..``, absolute paths, backslashes, NUL, hidden state names).
 - The :class:`Manifest` remembers each file that was verified against upstream's hash (size,

@@ -11,9 +11,9 @@ one reused buffer, hashed and written from there, in calls that release the GIL,
 never waits for a disk or a hash, and a byte is copied only from the socket and into the page
 cache. Small files go to one thread, which pipelines their requests (sends up to 32 ahead on its
 connection) instead of waiting a round trip for each; large ones to every thread (see
-:meth:`_Batch.take`). A verified file stays under its temporary name until :class:`GroupCommit`
-publishes it with a batch of others: one filesystem sync for the batch instead of two fsyncs per
-file.
+:meth:`_Batch.take`). A verified file stays a temporary file (mostly an unnamed one, see
+:class:`mirrorgen.store.OpenTemp`) until :class:`GroupCommit` publishes it with a batch of others:
+one filesystem sync for the batch instead of two fsyncs per file.
 """
 
 from __future__ import annotations
@@ -316,13 +316,14 @@ class GroupCommit:
     """Publishes verified downloads in batches (group commit) instead of one fsync per file and
     one per rename: :meth:`add` a :class:`Staged` file; a batch goes when ``max_files`` are
     waiting, or ``max_delay`` seconds after its first one, or at the end. A batch is
-    :meth:`Store.publish_temps` (one filesystem sync, the renames, one fsync per directory), and
-    only after that ``on_published`` is called with the batch's ``(key, staged)`` pairs, the caller
-    records them (a manifest entry never names a file that is not durable under its final name).
+    :meth:`Store.publish_temps` (one filesystem sync, the links or renames, one fsync per
+    directory), and only after that ``on_published`` is called with the batch's ``(key, staged)``
+    pairs, the caller records them (a manifest entry never names a file that is not durable under
+    its final name).
 
     Leaving the ``async with`` normally publishes what is waiting; leaving it with an exception
-    removes the temporary files of what was not published (a killed process leaves them for
-    ``clean``: never under a final name, never recorded)."""
+    removes the temporary files of what was not published (a killed process leaves its unnamed
+    ones to the kernel, its named ones to ``clean``: never under a final name, never recorded)."""
 
     def __init__(self, store: Store, on_published: Callable[[list[tuple[Any, Staged]]], None], *,
                  max_files: int = 4096, max_delay: float = 1.0) -> None:
