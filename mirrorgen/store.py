@@ -34,7 +34,7 @@ import zstandard
 from .errors import LockedError, UnsafePath
 
 __all__ = ["Store", "Manifest", "Entry", "OpenTemp", "Temp", "STATE_DIR", "TEMP_PREFIX", "fsync_path",
-           "hash_file", "unnamed_temps"]
+           "hash_file", "unnamed_temps", "close_written", "discard_temp"]
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
@@ -216,8 +216,7 @@ class Store:
                     while view:
                         view = view[os.write(fd, view):]
                 finally:
-                    if not isinstance(tmp, OpenTemp):
-                        os.close(fd)
+                    close_written(tmp, fd)
         except BaseException:
             self.discard_temps(temps)
             raise
@@ -419,6 +418,13 @@ class OpenTemp:
 
 
 Temp = Path | OpenTemp  # a staged file: a named temporary file, or an OpenTemp
+
+
+def close_written(tmp: Temp, fd: int) -> None:
+    """Done writing through ``fd`` (from :meth:`Store.open_temp`): close it, unless ``tmp`` keeps
+    it (an OpenTemp holds its descriptor until it is published or discarded)."""
+    if not isinstance(tmp, OpenTemp):
+        os.close(fd)
 
 
 def discard_temp(tmp: Temp | None) -> None:

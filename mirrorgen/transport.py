@@ -44,7 +44,7 @@ import aiohttp
 import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
-from .store import Entry, OpenTemp, Store, Temp, discard_temp
+from .store import Entry, Store, Temp, close_written, discard_temp
 from .urls import is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
@@ -1111,18 +1111,17 @@ class _Sink:
         st = os.fstat(self.fd)
         if st.st_size != got:  # never expected: what was written is not what was received
             raise SizeMismatch(url, got, st.st_size)
-        if not isinstance(self.tmp, OpenTemp):  # an OpenTemp keeps its descriptor until published
-            os.close(self.fd)
-        self.fd = -1
         assert self.tmp is not None
+        close_written(self.tmp, self.fd)
+        self.fd = -1
         staged = Staged(self.tmp, self.final, Entry(st.st_size, digests[0], digests[1], st.st_mtime_ns), got)
         self.tmp = None  # the caller owns it now
         return staged
 
     def abort(self) -> None:
-        if self.fd >= 0 and not isinstance(self.tmp, OpenTemp):
+        if self.fd >= 0 and self.tmp is not None:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
+                close_written(self.tmp, self.fd)
         self.fd = -1
         with contextlib.suppress(OSError):
             discard_temp(self.tmp)
