@@ -38,20 +38,44 @@ def _encode_shards(task: list[bytes]) -> list[bytes]:
 JOBS: Final[dict[str, Callable[[list[bytes]], list[bytes]]]] = {"encode_shards": _encode_shards}
 
 
-def _send(stream: IO[bytes], message: object) -> None:
+def _send(fd: int, message: object) -> None:
+    """One framed message onto the pipe ``fd``, every byte of it. Not through a BufferedWriter:
+    a write to a pipe that a signal interrupts (a stop and continue: Ctrl-Z then fg, a debugger,
+    a profiler) returns short, and CPython's BufferedWriter has been seen to drop the rest of the
+    message and go on with the next one, which desynchronises the framing for good."""
     data = msgpack.packb(message, use_bin_type=True)
-    stream.write(_HEADER.pack(len(data)))
-    stream.write(data)
-    stream.flush()
+    _write_all(fd, _HEADER.pack(len(data)))
+    _write_all(fd, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytearray | None:
+    """``size`` bytes from the unbuffered ``stream``, or None if it ends first (a read from a
+    pipe returns what is there, short of ``size`` when a signal interrupts it)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            return None
+        got += n
+    return buf
 
 
 def _receive(stream: IO[bytes]) -> object | None:
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
+    """The next message from the unbuffered ``stream``, or None at its end."""
+    header = _read_exact(stream, _HEADER.size)
+    if header is None:
         return None
     (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
+    data = _read_exact(stream, size)
+    if data is None:
         return None
     return msgpack.unpackb(data, raw=False)
 
@@ -73,7 +97,9 @@ def _child_command() -> tuple[list[str], dict[str, str]]:
 class WorkerPool:
     def __init__(self, workers: int) -> None:
         command, env = _child_command()
-        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        # Unbuffered pipes: each message is written and read whole by _send and _receive.
+        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                       bufsize=0)
                       for _ in range(max(1, workers))]
         # A thread per worker reads its replies as soon as they come, so a worker never waits
         # for the consumer of the results to hand it its next task.
@@ -87,7 +113,12 @@ class WorkerPool:
     def _read(proc: subprocess.Popen[bytes], replies: queue.SimpleQueue[object | None]) -> None:
         assert proc.stdout is not None
         while True:
-            reply = _receive(proc.stdout)  # blocks in read(), outside the GIL
+            try:
+                reply = _receive(proc.stdout)  # blocks in read(), outside the GIL
+            except Exception as exc:  # not a message: the consumer raises, it does not wait forever
+                replies.put(WorkerError(f"worker process {proc.pid} sent a malformed reply: {exc}"))
+                replies.put(None)
+                return
             replies.put(reply)
             if reply is None:  # the worker is gone
                 return
@@ -110,7 +141,7 @@ class WorkerPool:
             assert proc.stdin is not None
             while (task := tasks_for.get()) is not None:
                 try:
-                    _send(proc.stdin, [job, task])
+                    _send(proc.stdin.fileno(), [job, task])
                 except OSError as exc:
                     failed.append(exc)
                     return
@@ -155,6 +186,9 @@ class WorkerPool:
     def _result(self, worker: int) -> list[bytes]:
         proc = self.procs[worker]
         reply = self._replies[worker].get()
+        if isinstance(reply, WorkerError):
+            self._replies[worker].put(None)  # nothing more will come from it
+            raise reply
         if reply is None:
             self._replies[worker].put(None)  # it stays gone
         if not isinstance(reply, list) or len(reply) != 2:
@@ -189,7 +223,9 @@ class WorkerPool:
 
 def main() -> int:
     """The child: read [job, task] messages until end of input, answer each in turn."""
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    stdout = sys.stdout.fileno()
+    sys.stdout = sys.stderr  # a stray print() must not land in the middle of a reply
     while True:
         message = _receive(stdin)
         if message is None:
