@@ -4,9 +4,10 @@ Downloads are verified while they stream: the size is checked as bytes arrive (a
 the index says is cut off at once) and the hash is computed on the fly, so a file is hashed once,
 and only a file whose size and hash match reaches its final name.
 
-Index files (a few, parsed in memory) come through aiohttp on the event loop. Package files
-(thousands, gigabytes) are each fetched start to end by one of ``concurrency`` download threads
-(:class:`_Lane`, plain HTTP/1.1 with kept-alive connections): the body is received straight into
+Every request goes through ``concurrency`` download threads (:class:`_Lane`, plain HTTP/1.1 with
+kept-alive connections). Index files (a few, parsed in memory) are each one call to a thread
+(:meth:`Transport.get`, :meth:`Transport.exists`). Package files (thousands, gigabytes) are each
+fetched start to end by one of the threads: the body is received straight into
 one reused buffer, hashed and written from there, in calls that release the GIL, so the event loop
 never waits for a disk or a hash, and a byte is copied only from the socket and into the page
 cache. Small files go to one thread, which pipelines their requests (sends up to 32 ahead on its
@@ -40,7 +41,6 @@ from types import TracebackType
 from typing import Any, Final
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-import aiohttp
 import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
@@ -98,25 +98,15 @@ class Transport:
                  backoff: float = 0.5) -> None:
         self.retries, self.timeout, self.backoff = retries, timeout, backoff
         self.concurrency = concurrency
-        self._session: aiohttp.ClientSession | None = None
         self._lanes: list[_Lane] = []
         self._free: list[_Lane] = []
         self._lane_waiters: deque[asyncio.Future[_Lane]] = deque()
 
     async def __aenter__(self) -> Transport:
-        connector = aiohttp.TCPConnector(limit=max(self.concurrency * 2, 8), ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=self.timeout),
-            headers={"User-Agent": _USER_AGENT},
-            auto_decompress=False,  # we want upstream's bytes, exactly, to hash them
-        )
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._session is not None:
-            await self._session.close()
         lanes, self._lanes, self._free = self._lanes, [], []
         for lane in lanes:
             lane.stop()
@@ -125,11 +115,6 @@ class Transport:
         deadline = time.monotonic() + 5.0
         for lane in lanes:
             await asyncio.to_thread(lane.thread.join, max(0.0, deadline - time.monotonic()))
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "use `async with Transport(...)`"
-        return self._session
 
     async def _attempts(self, url: str):  # type: ignore[no-untyped-def]
         """Yield attempt numbers, sleeping with exponential backoff and jitter between them."""
@@ -152,25 +137,39 @@ class Transport:
                 return None
             except OSError as exc:
                 raise UpstreamError(redact(url), str(exc)) from None
+        status, body = await self._request(url, "GET", limit)
+        return None if status in (404, 410) else body
+
+    async def exists(self, url: str) -> bool:
+        """Whether upstream has ``url`` (a HEAD answered 200, redirects followed); never raises."""
+        try:
+            status, _ = await self._request(url, "HEAD", 0)
+        except MirrorError:
+            return False
+        return status == 200
+
+    async def _request(self, url: str, method: str, limit: int) -> tuple[int, bytes]:
+        """One request on a download thread, with retries: 200 and its body, or 404/410."""
         last = "no attempt"
         async for _ in self._attempts(url):
+            lane = await self._lane()
+            job = _Job(url, None, None, None, None)
             try:
-                async with self.session.get(url) as resp:
-                    if resp.status in (404, 410):
-                        return None
-                    if resp.status in _RETRY_STATUS:
-                        last = f"HTTP {resp.status}"
-                        continue
-                    if resp.status != 200:
-                        raise UpstreamError(redact(url), f"HTTP {resp.status}")
-                    body = bytearray()
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        body += chunk
-                        if len(body) > limit:
-                            raise UpstreamError(redact(url), f"larger than {limit} bytes")
-                    return bytes(body)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                last = _describe(exc)
+                status, body = await lane.call(lane.request, job, method, limit)
+            except _Retry as retry:
+                last = retry.reason
+                continue
+            except asyncio.CancelledError:
+                job.cancel()  # the thread lets go of it; the lane takes its next call after
+                raise
+            finally:
+                self._release(lane)
+            if status in _RETRY_STATUS:
+                last = f"HTTP {status}"
+                continue
+            if status not in (200, 404, 410):
+                raise UpstreamError(redact(url), f"HTTP {status}")
+            return status, body
         raise UpstreamError(redact(url), f"{last} (after {self.retries + 1} attempts)")
 
     async def download(self, url: str, final: Path, store: Store, *, size: int | None,
@@ -502,7 +501,8 @@ class _Batch:
 class _Job:
     """One download handed to a lane; ``cancel`` (from the loop) makes the lane drop it."""
 
-    def __init__(self, url: str, final: Path, batch: _Batch, size: int | None, hasher: _Hasher) -> None:
+    def __init__(self, url: str, final: Path | None, batch: _Batch | None, size: int | None,
+                 hasher: _Hasher | None) -> None:
         self.url, self.final, self.batch, self.size, self.hasher = url, final, batch, size, hasher
         self.cancelled = False
         self.sock: socket.socket | None = None
@@ -572,13 +572,14 @@ class _Conn:
         self.sock.sendall(b"".join(requests))
         self.inflight.extend(requests)
 
-    def response(self, request: bytes) -> _Response:
-        """The response to ``request``, which must be the oldest one in flight."""
+    def response(self, request: bytes, *, head: bool = False) -> _Response:
+        """The response to ``request``, which must be the oldest one in flight (``head``: a
+        HEAD request, whose response has no body whatever its headers say)."""
         if not self.inflight or self.inflight[0] is not request:
             raise AssertionError("responses are read in the order their requests were sent")
         self.inflight.popleft()
         response = _Response(self)
-        response.begin()
+        response.begin(no_body=head)
         self.answered += 1
         return response
 
@@ -658,7 +659,7 @@ class _Response:
         conn.pending += memoryview(conn.buf)[:n]
         return n
 
-    def begin(self) -> None:
+    def begin(self, no_body: bool = False) -> None:
         pending = self.conn.pending
         start = 0
         while True:
@@ -681,6 +682,12 @@ class _Response:
             raise _BadResponse("bad response from upstream: incomplete header block")
         self.status = self.parser.get_status_code()
         self.will_close = not self._keep_alive
+        if no_body:  # a HEAD's answer, RFC 9110 section 9.3.2: none, whatever Content-Length says
+            with contextlib.suppress(ValueError):
+                self.content_length = int(self.headers.get(b"content-length", b""))
+            self.length = 0
+            self._direct = True
+            return
         chunked = self._chunked = b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
         if not chunked and b"content-length" in self.headers:
             try:
@@ -886,6 +893,64 @@ class _Lane:
             self._drop(key)
         return staged
 
+    def request(self, job: _Job, method: str, limit: int) -> tuple[int, bytes]:
+        """``method`` (GET or HEAD) of ``job.url``, redirects followed: the status, and the body
+        of a 200 answer to a GET (at most ``limit`` bytes, else UpstreamError). Connection
+        failures raise _Retry; the caller decides what a status means."""
+        key, resp = self._open(job, method)
+        try:
+            body = b""
+            if resp.status == 200 and method == "GET":
+                body = self._read_body(job, resp, limit)
+            elif method == "GET":
+                with contextlib.suppress(OSError):
+                    resp.read(1 << 16)  # an error page: short, or the connection goes
+        except _Retry:
+            self._drop(key)
+            raise
+        except OSError as exc:
+            self._drop(key)
+            raise _Retry(_describe(exc)) from None
+        except BaseException:
+            self._drop(key)
+            raise
+        if resp.will_close or not resp.isclosed():
+            self._drop(key)
+        if job.cancelled:
+            raise _Cancelled()
+        return resp.status, body
+
+    @staticmethod
+    def _read_body(job: _Job, resp: _Response, limit: int) -> bytes:
+        total = resp.content_length
+        if total is not None and total > limit:
+            raise UpstreamError(redact(job.url), f"larger than {limit} bytes")
+        body = bytearray(total if total is not None else CHUNK)
+        view = memoryview(body)
+        got = 0
+        while True:
+            if got == len(body):
+                if total is not None:
+                    break
+                if got > limit:
+                    raise UpstreamError(redact(job.url), f"larger than {limit} bytes")
+                view.release()
+                body.extend(bytes(len(body)))  # unknown length: double the room
+                view = memoryview(body)
+            n = resp.readinto(view[got:])
+            if not n:
+                if job.cancelled:
+                    raise _Cancelled()
+                if resp.length:
+                    raise _Retry(f"connection closed {resp.length} bytes before the end of the body")
+                break
+            got += n
+        view.release()
+        if got > limit:
+            raise UpstreamError(redact(job.url), f"larger than {limit} bytes")
+        del body[got:]
+        return bytes(body)
+
     def _receive(self, job: _Job, resp: _Response) -> Staged:
         size, buf = job.size, self.buf
         sink = _Sink(job.batch.store, job.final, job.hasher, self.dirs)
@@ -919,12 +984,18 @@ class _Lane:
             sink.abort()
             raise
 
-    def _open(self, job: _Job) -> tuple[tuple[str, str, int], _Response]:
-        """GET ``job.url``, following redirects; the response to read, and its connection's key."""
+    def _open(self, job: _Job, method: str = "GET") -> tuple[tuple[str, str, int], _Response]:
+        """GET ``job.url`` (or HEAD it), following redirects; the response to read, and its
+        connection's key. Only a package file's GET (from :meth:`run_batch`) sends more ahead."""
         url = job.url
         for hop in range(_MAX_REDIRECTS + 1):
-            key, data = self._encode(job.url, url)
-            resp = self._request(job, key, data, pipeline=not hop)
+            if method == "GET":
+                key, data = self._encode(job.url, url)
+            else:
+                key, target, headers = _prepare(job.url, url)
+                data = _encode_request(target, _host_header(key), headers, method)
+            resp = self._request(job, key, data, pipeline=not hop and job.batch is not None,
+                                 head=method == "HEAD")
             location = resp.getheader("Location")
             if resp.status not in _REDIRECT_STATUS or not location:
                 return key, resp
@@ -957,7 +1028,7 @@ class _Lane:
         return key, b"".join((prefix, quote(name, safe=_PATH_SAFE).encode("latin-1"), tail))
 
     def _request(self, job: _Job, key: tuple[str, str, int], data: bytes, *,
-                 pipeline: bool) -> _Response:
+                 pipeline: bool, head: bool = False) -> _Response:
         """Send the request (unless it was sent ahead on this connection), send more ahead if
         ``pipeline``, and begin reading its response."""
         conn = self.conns.get(key)
@@ -982,8 +1053,8 @@ class _Lane:
                     conn.send([data])
                 if pipeline and key not in self.serial:
                     self._send_ahead(job, key, conn)
-                resp = conn.response(data)
-                if resp.will_close and conn.answered == 1 and conn.inflight:
+                resp = conn.response(data, head=head)
+                if resp.will_close and conn.answered == 1 and conn.inflight and job.batch is not None:
                     # A new connection that closes after one response, with requests sent
                     # ahead on it: nothing is sent ahead to this upstream any more.
                     self.serial.add(key)
@@ -1059,8 +1130,8 @@ def _host_header(key: tuple[str, str, int]) -> str:
     return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
 
-def _encode_request(target: str, host: str, headers: dict[str, str]) -> bytes:
-    lines = [f"GET {target} HTTP/1.1", f"Host: {host}",
+def _encode_request(target: str, host: str, headers: dict[str, str], method: str = "GET") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}",
              *(f"{k}: {v}" for k, v in headers.items()), "", ""]
     return "\r\n".join(lines).encode("latin-1")
 

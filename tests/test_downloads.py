@@ -173,6 +173,8 @@ async def odd_upstream(aiohttp_server):  # type: ignore[no-untyped-def]
     async def handler(request: web.Request) -> web.StreamResponse:
         kind, name = request.match_info["kind"], request.match_info["name"]
         hits[request.path] += 1
+        if request.transport is not None:
+            hits[("peer", request.transport.get_extra_info("peername"))] += 1
         body = BLOB if name == "blob" else SMALL
         if kind == "plain":
             return web.Response(body=body)
@@ -234,6 +236,35 @@ async def test_download_verifies_and_publishes(odd_upstream, tmp_path: Path, kin
     assert final.read_bytes() == BLOB and verified.bytes_downloaded == len(BLOB)
     assert verified.entry.sha256 == sha(BLOB) and verified.entry.mtime_ns == final.stat().st_mtime_ns
     assert not temps(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["plain", "redirect", "chunked"])
+async def test_index_files_are_read_whole_and_probed_with_head_on_one_kept_alive_connection(
+        odd_upstream, kind: str) -> None:
+    base, hits = odd_upstream
+    async with Transport(retries=1, backoff=0.01, concurrency=1) as transport:
+        assert await transport.get(f"{base}/{kind}/blob") == BLOB
+        assert await transport.exists(f"{base}/{kind}/small")
+        assert not await transport.exists(f"{base}/missing/small")
+        assert await transport.get(f"{base}/missing/small") is None  # 404: not there, not an error
+        assert await transport.get(f"{base}/{kind}/small") == SMALL
+    # A HEAD's answer has no body whatever its Content-Length says: the connection carried on.
+    # (aiohttp's server closes the connection when a handler streams a body in answer to a HEAD.)
+    if kind != "chunked":
+        assert sum(1 for key in hits if isinstance(key, tuple)) == 1
+
+
+async def test_an_index_file_cut_short_is_retried_and_one_too_large_is_refused(odd_upstream) -> None:
+    base, hits = odd_upstream
+    async with Transport(retries=2, backoff=0.01) as transport:
+        assert await transport.get(f"{base}/cut/blob") == BLOB
+        assert hits["/cut/blob"] == 2
+        for kind in ("plain", "chunked"):  # a Content-Length says so at once; chunks as they come
+            with pytest.raises(UpstreamError, match="larger than 1000 bytes"):
+                await transport.get(f"{base}/{kind}/blob", limit=1000)
+        with pytest.raises(UpstreamError, match="redirects"):
+            await transport.get(f"{base}/redirect-loop/small")
+        assert await transport.get(f"{base}/plain/small", limit=len(SMALL)) == SMALL
 
 
 async def test_a_body_longer_than_the_index_says_is_refused_and_not_retried(odd_upstream, tmp_path: Path) -> None:

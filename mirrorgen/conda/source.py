@@ -101,11 +101,7 @@ class CondaSource:
         return tuple(found)
 
     async def _exists(self, url: str) -> bool:
-        try:
-            async with self.transport.session.head(url, allow_redirects=True) as resp:
-                return resp.status == 200
-        except Exception:
-            return False
+        return await self.transport.exists(url)
 
     async def _channeldata(self, source: str) -> dict[str, Any] | None:
         url = join_url(source, "channeldata.json")
