@@ -44,7 +44,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
-from .store import Entry, Store, Temp, close_written, discard_temp
+from .store import Entry, Store, Temp, close_written, discard_temp, start_writeback
 from .urls import is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
@@ -1179,6 +1179,7 @@ class _Sink:
     def finish(self, url: str, got: int) -> Staged:
         """Check the hashes, close the file, and hand it over as verified."""
         digests = self.hasher.check(url)
+        start_writeback(self.fd, got)
         st = os.fstat(self.fd)
         if st.st_size != got:  # never expected: what was written is not what was received
             raise SizeMismatch(url, got, st.st_size)
