@@ -127,14 +127,26 @@ class Store:
         this raises, some groups may be published and the rest are not (no temporary file is
         left behind)."""
         it = iter(items)
+
+        def groups() -> Iterator[list[tuple[Temp, Path]]]:
+            while temps := self.stage_batch(itertools.islice(it, group)):
+                yield temps
+                if len(temps) < group:
+                    return
+
+        return self.publish_groups(groups())
+
+    def publish_groups(self, groups: Iterable[list[tuple[Temp | None, Path]]]) -> int:
+        """Groups of staged files, each published by one :meth:`publish_temps` on a second
+        thread while the next group is drawn: how many were published. If this raises, the
+        groups published stay so and the rest are removed; a group being drawn when ``groups``
+        raises is that iterator's to remove."""
         written = 0
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorgen-commit") as pool:
-            commits: list[tuple[concurrent.futures.Future[None], list[tuple[Temp, Path]]]] = []
+            commits: list[tuple[concurrent.futures.Future[None], list[tuple[Temp | None, Path]]]] = []
             try:
-                while temps := self.stage_batch(itertools.islice(it, group)):
+                for temps in groups:
                     commits.append((pool.submit(self.publish_temps, temps), temps))
-                    if len(temps) < group:
-                        break
                 for commit, temps in commits:
                     commit.result()
                     written += len(temps)
@@ -229,6 +241,21 @@ class Store:
         except BaseException:
             self.discard_temps(temps)
             raise
+
+    def temp_prefix(self) -> str:
+        """A new name prefix for temporary files made outside this object (by worker
+        processes), unique to this call: every file under it is the caller's, and
+        :meth:`stray_temp_files` finds any left behind."""
+        return f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}w-"
+
+    @staticmethod
+    def discard_prefixed(directory: Path, prefix: str) -> None:
+        """Remove every file in ``directory`` whose name starts with ``prefix``."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(directory):
+                if name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(directory / name)
 
     @staticmethod
     def discard_temps(temps: Iterable[tuple[Temp | None, Path]]) -> None:

@@ -19,14 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .config import Config, MirrorConfig
 from .errors import ConfigError, MirrorError, UnsafePath, UsageError
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
-from .store import Entry, Manifest, Store, fsync_path, hash_file
+from .store import Entry, Manifest, Store, Temp, fsync_path, hash_file
 from .transport import FetchRequest, GroupCommit, Staged, Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
@@ -215,19 +215,48 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
     name; then the rest go in their order, by one group commit. An error anywhere leaves every
     published file as it was, or the new shards only, and no temporary file behind."""
     state = store.read_state(mirror.name, "index-cache.json")
-    rendering = channel.render(publish, store.mirror_dir(mirror.name), state)
+    mirror_dir = store.mirror_dir(mirror.name)
+    prefix = store.temp_prefix()
+    rendering = channel.render(publish, mirror_dir, state, temp_prefix=prefix)
     stop = threading.Event()
 
-    def new_files() -> Iterator[tuple[Path, bytes]]:
-        for item in rendering.new:
-            if stop.is_set():
-                raise _Stopped()
-            yield store.resolve(mirror.name, item.relpath), item.data
+    def new_groups() -> Iterator[list[tuple[Temp | None, Path]]]:
+        group: list[tuple[Temp | None, Path]] = []
+        try:
+            for item in rendering.new:
+                if stop.is_set():
+                    raise _Stopped()
+                final = store.resolve(mirror.name, item.relpath)
+                if item.staged is not None:
+                    group.append((item.staged, final))
+                else:
+                    group += store.stage_batch([(final, item.data)])
+                if len(group) >= _GROUP:
+                    yield group
+                    group = []
+        except BaseException:
+            store.discard_temps(group)
+            raise
+        if group:
+            yield group
+
+    def new_files() -> int:
+        try:
+            return store.publish_groups(new_groups())
+        except BaseException:
+            # Shards a worker wrote whose digests never came back are known by the prefix only;
+            # closing the rendering first stops its workers, so none writes after the sweep.
+            close = getattr(rendering.new, "close", None)
+            if close is not None:
+                close()
+            for shards in mirror_dir.glob("*/shards"):
+                store.discard_prefixed(shards, prefix)
+            raise
 
     staged: list[tuple[Any, list[tuple[Path, Path]]]] = []
     flushes: list[concurrent.futures.Future[None]] = []
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="mirrorgen-publish") as pool:
-        shards = pool.submit(store.write_batch, new_files())
+        shards = pool.submit(new_files)
         try:
             for index_file in rendering.files:
                 if index_file.after_new:
@@ -254,6 +283,10 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
             for _, pairs in staged:
                 store.discard_temps(pairs)
             raise
+
+
+# New shards per group commit (a filesystem sync, then the renames).
+_GROUP: Final = 4096
 
 
 class _Stopped(Exception):

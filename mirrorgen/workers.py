@@ -34,8 +34,17 @@ def _encode_shards(task: list[bytes]) -> list[bytes]:
     return encode_shard_sources(task)
 
 
+def _write_shards(task: list[bytes]) -> list[bytes]:
+    """``task``: a header (the directory, NUL, the file name prefix), then shard sources."""
+    from .conda.shards import write_shard_files
+
+    directory, _, prefix = task[0].partition(b"\0")
+    return write_shard_files(directory, prefix.decode(), task[1:])
+
+
 # What a worker can be asked to do, by name (a child never unpickles code).
-JOBS: Final[dict[str, Callable[[list[bytes]], list[bytes]]]] = {"encode_shards": _encode_shards}
+JOBS: Final[dict[str, Callable[[list[bytes]], list[bytes]]]] = {
+    "encode_shards": _encode_shards, "write_shards": _write_shards}
 
 
 def _send(fd: int, message: object) -> None:

@@ -12,7 +12,7 @@ import zstandard
 
 from mirrorgen.conda.shards import decode_shard
 from mirrorgen.conda.source import parse_repodata
-from mirrorgen.conda.writer import render_repodata, render_shards
+from mirrorgen.conda.writer import plan_shards, render_repodata, render_shards
 from mirrorgen.store import Manifest, Store
 from mirrorgen.sync import sync_mirror
 from mirrorgen.workers import WorkerError, WorkerPool
@@ -124,6 +124,20 @@ def test_shards_from_worker_processes_are_byte_identical_to_in_process_ones() ->
     assert here.new == pooled.new and here.cache == pooled.cache
     decoded = [decode_shard(data) for data in pooled.new.values()]
     assert sum(len(d["packages"]) + len(d["packages.conda"]) for d in decoded) == len(index.records)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_written_by_their_encoder_are_the_bytes_encode_makes(tmp_path: Path, workers: int) -> None:
+    index = real("rattler_pytorch_linux-64_repodata.json")
+    expected = render_shards("linux-64", index.records, workers=1)
+    plan = plan_shards("linux-64", index.records)
+    written = dict(plan.write(tmp_path, ".mirrorgen-tmp-test-", workers=workers))
+    assert set(written) == set(expected.new) and len(written) == len({r.name for r in index.records})
+    for relpath, tmp in written.items():
+        assert tmp.parent == tmp_path and tmp.name == f".mirrorgen-tmp-test-{relpath[7:71]}"
+        assert tmp.read_bytes() == expected.new[relpath], relpath
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in written.values())
+    assert plan.index() == expected.index
 
 
 def test_the_shard_cache_skips_unchanged_names_only_while_their_files_exist() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mirrorgen.conda import writer
 from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.workers import WorkerPool
@@ -60,6 +61,21 @@ def fail_when(monkeypatch: pytest.MonkeyPatch, method: str, predicate: Any) -> l
     return hits
 
 
+def fail_writing_shards(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The encoder writes the first shard of a batch, then finds the disk full: that shard's
+    temporary file is left for the caller, which knows it by the prefix only."""
+    original = writer.write_shard_files
+    hits: list[str] = []
+
+    def faulty(directory: Any, prefix: str, sources: Any) -> list[bytes]:
+        original(directory, prefix, sources[:1])
+        hits.append(prefix)
+        raise OSError(28, "No space left on device", str(directory))
+
+    monkeypatch.setattr(writer, "write_shard_files", faulty)
+    return hits
+
+
 @pytest.mark.parametrize("fault", ["shard", "repodata", "channeldata"])
 async def test_a_failed_publish_leaves_the_last_good_index_and_no_temporary_file(
         upstream, write_config, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
@@ -70,8 +86,8 @@ async def test_a_failed_publish_leaves_the_last_good_index_and_no_temporary_file
     before = index_files(mirror_dir)
     hotfix(upstream.root / "demo")
 
-    if fault == "shard":  # one new shard cannot be written
-        hits = fail_when(monkeypatch, "open_temp", lambda final: final.parent.name == "shards")
+    if fault == "shard":  # the disk fills up while the encoder writes the new shards
+        hits = fail_writing_shards(monkeypatch)
     elif fault == "repodata":  # the new linux-64/repodata.json cannot be written
         hits = fail_when(monkeypatch, "open_temp", lambda final: final.name == "repodata.json"
                          and final.parent.name == "linux-64")

@@ -20,6 +20,7 @@ from ..transport import Transport
 from ..urls import join_url
 from .matchspec import CondaEcosystem
 from .record import CondaRecord
+from .shards import SHARDS_DIR
 from .source import ChannelIndex, CondaSource
 from .writer import plan_shards, render_channeldata, render_repodata
 
@@ -40,6 +41,9 @@ class IndexFile:
     # ``data`` is a function giving the bytes, which can be called only once every new file
     # (Rendering.new) has been made: a shard index, which names each shard by its hash.
     after_new: bool = False
+    # Written already, to this temporary file next to its final name (``data`` is None): a
+    # shard its encoder wrote (render's ``temp_prefix``), for the caller to publish.
+    staged: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +129,17 @@ class CondaChannel:
     # -- index files -----------------------------------------------------------------------------
 
     def render(self, kept: Iterable[CondaRecord], mirror_dir: Path | None = None,
-               state: dict[str, Any] | None = None) -> Rendering:
+               state: dict[str, Any] | None = None, *, temp_prefix: str | None = None) -> Rendering:
         """Index files: new shards, then shard indexes, .zst + .json, channeldata (see Rendering).
 
         ``mirror_dir`` is where earlier runs published; ``state`` what :meth:`state` returned after
         the last run. Only shards not yet on disk are yielded, and a subdir whose records, info and
         removed list are what they were last run, with its files on disk as that run left them,
         is not rewritten at all: a no-op sync leaves every index file (and its ETag) untouched.
+
+        With ``temp_prefix`` (and ``mirror_dir``), new shards are written as they are encoded,
+        by the worker processes where there are any, to temporary files named ``temp_prefix``
+        and their digest in each subdir's shards directory: ``new`` then yields them ``staged``.
         """
         assert self.index is not None
         by_subdir: dict[str, list[CondaRecord]] = defaultdict(list)
@@ -166,6 +174,14 @@ class CondaChannel:
         def new() -> Iterator[IndexFile]:
             # Yielded as the encoder makes them: each is written while the next is encoded.
             for subdir in subdirs:
+                if mirror_dir is not None and temp_prefix is not None:
+                    if not plans[subdir].misses:
+                        continue
+                    directory = mirror_dir / subdir / SHARDS_DIR
+                    directory.mkdir(parents=True, exist_ok=True)
+                    for relpath, tmp in plans[subdir].write(directory, temp_prefix):
+                        yield IndexFile(f"{subdir}/{relpath}", None, immutable=True, staged=tmp)
+                    continue
                 for relpath, data in plans[subdir].encode():
                     yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
             self._state = {"shards": {s: plans[s].cache for s in subdirs}}

@@ -13,6 +13,7 @@ import os
 from collections import defaultdict
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -21,7 +22,7 @@ import orjson
 from ..workers import WorkerPool
 from .record import CondaRecord
 from .shards import (compress_shards, encode_shard_index, pack_shard_source,
-                     shard_digest, shard_relpath, shard_source)
+                     shard_digest, shard_relpath, shard_source, write_shard_files)
 
 __all__ = ["Repodata", "ShardPlan", "ShardSet", "plan_shards", "render_repodata", "render_channeldata",
            "render_shards"]
@@ -122,18 +123,34 @@ class ShardPlan:
     def encode(self, workers: int | None = None) -> Iterator[tuple[str, bytes]]:
         """(relpath inside the subdir, shard bytes) for each name to encode. When there are
         many records to encode (a first run), worker processes encode them on every core."""
-        def sources() -> Iterator[bytes]:
-            for _, group in self.misses:
-                yield shard_source({r.fn: r.raw for r in group if not r.is_conda},
-                                   {r.fn: r.raw for r in group if r.is_conda})
-
-        if workers is None:
-            count = sum(len(group) for _, group in self.misses)
-            workers = _cores() if count >= POOL_MIN_RECORDS else 1
-        for (name, _), shard in zip(self.misses, _encode(sources(), workers)):
+        for (name, _), shard in zip(self.misses, _encode(self._sources(), self._workers(workers))):
             digest = shard_digest(shard)
             self.digests[name] = digest
             yield shard_relpath(digest), shard
+
+    def write(self, directory: Path, prefix: str, workers: int | None = None) -> Iterator[tuple[str, Path]]:
+        """:meth:`encode`, each new shard written to a temporary file in ``directory`` (the
+        subdir's shards directory, which must exist) by the process that encodes it, worker
+        or this one (:func:`write_shard_files`): (relpath inside the subdir, the temporary file)
+        for each name to encode. The files are named ``prefix`` + their hex digest; the caller
+        publishes them, or removes every ``prefix`` file if it gives up (a worker's files from
+        results never taken are known only by that prefix)."""
+        header = os.fsencode(directory) + b"\0" + prefix.encode()
+        digests = _write(self._sources(), header, self._workers(workers))
+        for (name, _), digest in zip(self.misses, digests):
+            self.digests[name] = digest
+            yield shard_relpath(digest), directory / f"{prefix}{digest.hex()}"
+
+    def _sources(self) -> Iterator[bytes]:
+        for _, group in self.misses:
+            yield shard_source({r.fn: r.raw for r in group if not r.is_conda},
+                               {r.fn: r.raw for r in group if r.is_conda})
+
+    def _workers(self, workers: int | None) -> int:
+        if workers is not None:
+            return workers
+        count = sum(len(group) for _, group in self.misses)
+        return _cores() if count >= POOL_MIN_RECORDS else 1
 
     def index(self) -> bytes:
         return encode_shard_index(self.subdir, {name: self.digests[name] for name in sorted(self.digests)})
@@ -207,21 +224,36 @@ def _encode(sources: Iterable[bytes], workers: int) -> Iterator[bytes]:
                 batch = []
         yield from compress_shards(batch)
         return
-    def tasks() -> Iterator[list[bytes]]:
-        task: list[bytes] = []
-        size = 0
-        for source in sources:
-            task.append(source)
-            size += len(source)
-            if size >= _TASK_BYTES:
-                yield task
-                task, size = [], 0
-        if task:
-            yield task
-
     with WorkerPool(workers) as pool:
-        for shards in pool.map("encode_shards", tasks()):
+        for shards in pool.map("encode_shards", _tasks(sources, [])):
             yield from shards
+
+
+def _tasks(sources: Iterable[bytes], first: list[bytes]) -> Iterator[list[bytes]]:
+    """``sources`` in tasks of about _TASK_BYTES, each starting with ``first``."""
+    task: list[bytes] = list(first)
+    size = 0
+    for source in sources:
+        task.append(source)
+        size += len(source)
+        if size >= _TASK_BYTES:
+            yield task
+            task, size = list(first), 0
+    if len(task) > len(first):
+        yield task
+
+
+def _write(sources: Iterable[bytes], header: bytes, workers: int) -> Iterator[bytes]:
+    """Digests of the shards of ``sources``, in order, each written by :func:`write_shard_files`
+    (``header``: the directory, NUL, the prefix): here with one worker, else in worker processes."""
+    if workers <= 1:
+        directory, _, prefix = header.partition(b"\0")
+        for task in _tasks(sources, []):
+            yield from write_shard_files(directory, prefix.decode(), task)
+        return
+    with WorkerPool(workers) as pool:
+        for digests in pool.map("write_shards", _tasks(sources, [header])):
+            yield from digests
 
 
 def _is_sha256_hex(value: object) -> bool:
