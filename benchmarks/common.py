@@ -123,7 +123,9 @@ class Mirrorgen:
     def cmd(self, *args: str) -> list[str]:
         # -P: no current directory on sys.path, so PYTHONPATH decides which checkout is imported
         # (run from this checkout, "-c" would otherwise import it for the "before" build too).
-        return [sys.executable, "-P", "-c", "import sys; from mirrorgen.cli import main; sys.exit(main())", *args]
+        # What the build's ``mirrorgen`` console script runs: ``entry`` where it has one.
+        return [sys.executable, "-P", "-c",
+                "import sys, mirrorgen.cli as c; sys.exit(getattr(c, 'entry', c.main)())", *args]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.pythonpath), "NO_COLOR": "1", "TERM": "dumb"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mirrorgen: interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``mirrorgen`` command: :func:`main`, then out without tearing the interpreter down.
+    After a sync of conda-forge's size the heap holds millions of objects, and freeing them one
+    by one at exit took about 0.2 s, with nothing left to do: every file is closed and synced,
+    worker processes and threads are finished. Output streams and logging are flushed first."""
+    code = main()
+    try:
+        if "logging" in sys.modules:  # a library may have set up handlers
+            sys.modules["logging"].shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # a closed or broken pipe: exit the ordinary way, which reports it
+        sys.exit(code)
+    os._exit(code)
 
 
 def _run(coro: Any) -> Any:
@@ -246,4 +263,4 @@ def _cmd_nginx(args: argparse.Namespace, config: Config, mirrors: Any, store: St
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

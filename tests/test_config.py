@@ -3,7 +3,10 @@ compatibility keys, and every configuration error as one line naming file, line 
 
 from __future__ import annotations
 
+import json
+
 import datetime as dt
+import os
 import subprocess
 import sys
 import textwrap
@@ -641,6 +644,24 @@ def test_token_in_a_source_url_never_appears_on_the_command_line(tmp_path: Path)
 
 def test_cli_module_has_a_main_guard() -> None:
     assert 'if __name__ == "__main__"' in (REPO / "mirrorgen" / "cli.py").read_text()
+
+
+def test_cli_output_reaches_a_pipe_whole_and_the_exit_code_is_kept(
+        tmp_path: Path, demo_channel_template: Path) -> None:
+    # The command leaves without tearing the interpreter down (cli.entry): what it printed to a
+    # pipe (block-buffered) must be flushed first, and its exit code kept.
+    path = tmp_path / "mirrorgen.yaml"
+    path.write_text(f"root: {tmp_path / 'tree'}\nmirrors:\n  - name: demo\n    type: conda\n"
+                    f"    mode: passive\n    source: {demo_channel_template / 'demo'}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
+    proc = subprocess.run([sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(path), "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(proc.stdout)["mirrors"]
+    assert run["state"] == "completed" and run["kept"] > 0
+    assert (tmp_path / "tree" / "demo" / "noarch" / "repodata.json").is_file()
+    proc = cli("sync", "-c", str(path), "--mirror", "nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "nope" in proc.stderr
 
 
 def test_cli_malformed_yaml_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
