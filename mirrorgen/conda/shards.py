@@ -222,7 +222,7 @@ def encode_shard_sources(sources: Sequence[bytes]) -> list[bytes]:
     return [compressor.compress(pack_shard_source(source)) for source in sources]
 
 
-def write_shard_files(directory: str | bytes, prefix: str, sources: Sequence[bytes]) -> list[bytes]:
+def write_shard_files(directory: str | bytes | os.PathLike[str], prefix: str, sources: Sequence[bytes]) -> list[bytes]:
     """Encode each of ``sources`` (as :func:`encode_shard_sources`) and write its shard to a new
     file ``directory/<prefix><hex digest>``, by the process that encoded it: the digests, in
     order. The files are complete but neither synced nor under their final names; the caller's
@@ -231,15 +231,13 @@ def write_shard_files(directory: str | bytes, prefix: str, sources: Sequence[byt
     A worker process that writes its own shards spares the parent the bytes on the pipe, a
     file create per shard and the GIL those cost: at conda-forge scale (30,000 shards) the
     parent's feeding and writing, not the encoding, was what a cold run waited for."""
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     digests: list[bytes] = []
     made: list[str] = []
     try:
-        for source in sources:
-            shard = compressor.compress(pack_shard_source(source))
-            digest = hashlib.sha256(shard).digest()
+        for shard in encode_shard_sources(sources):
+            digest = shard_digest(shard)
             digests.append(digest)
             name = prefix + digest.hex()
             try:

@@ -135,8 +135,7 @@ class ShardPlan:
         for each name to encode. The files are named ``prefix`` + their hex digest; the caller
         publishes them, or removes every ``prefix`` file if it gives up (a worker's files from
         results never taken are known only by that prefix)."""
-        header = os.fsencode(directory) + b"\0" + prefix.encode()
-        digests = _write(self._sources(), header, self._workers(workers))
+        digests = _write(self._sources(), directory, prefix, self._workers(workers))
         for (name, _), digest in zip(self.misses, digests):
             self.digests[name] = digest
             yield shard_relpath(digest), directory / f"{prefix}{digest.hex()}"
@@ -252,14 +251,14 @@ def _tasks(sources: Iterable[bytes], first: list[bytes]) -> Iterator[list[bytes]
         yield task
 
 
-def _write(sources: Iterable[bytes], header: bytes, workers: int) -> Iterator[bytes]:
-    """Digests of the shards of ``sources``, in order, each written by :func:`write_shard_files`
-    (``header``: the directory, NUL, the prefix): here with one worker, else in worker processes."""
+def _write(sources: Iterable[bytes], directory: Path, prefix: str, workers: int) -> Iterator[bytes]:
+    """Digests of the shards of ``sources``, in order, each written into ``directory`` by
+    :func:`write_shard_files`: here with one worker, else in worker processes."""
     if workers <= 1:
-        directory, _, prefix = header.partition(b"\0")
         for task in _tasks(sources, []):
-            yield from write_shard_files(directory, prefix.decode(), task)
+            yield from write_shard_files(directory, prefix, task)
         return
+    header = os.fsencode(directory) + b"\0" + prefix.encode()  # what the "write_shards" job reads
     with WorkerPool(workers) as pool:
         for digests in pool.map("write_shards", _tasks(sources, [header])):
             yield from digests
