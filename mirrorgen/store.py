@@ -38,6 +38,8 @@ __all__ = ["Store", "Manifest", "Entry", "OpenTemp", "Temp", "STATE_DIR", "TEMP_
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
+# Small files per group commit (one filesystem sync, then the renames or links).
+COMMIT_GROUP: Final = 4096
 _MAX_PATH: Final = 1024
 _MAX_PART: Final = 255
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f]")
@@ -118,7 +120,7 @@ class Store:
         :meth:`publish_temps` (the .zst is renamed into place first, the plain file last)."""
         self.publish_staged(self.stage_with_zst(final, chunks, size, level=level))
 
-    def write_batch(self, items: Iterable[tuple[Path, bytes]], *, group: int = 4096) -> int:
+    def write_batch(self, items: Iterable[tuple[Path, bytes]], *, group: int = COMMIT_GROUP) -> int:
         """Many small files at once (new CEP-16 shards): staged (:meth:`stage_batch`) and
         published by group commits (:meth:`publish_temps`) of ``group`` files each: the guarantee
         of :meth:`write_atomic`, at one filesystem sync per group instead of two fsyncs per file

@@ -19,14 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from .config import Config, MirrorConfig
 from .errors import ConfigError, MirrorError, UnsafePath, UsageError
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
-from .store import Entry, Manifest, Store, Temp, fsync_path, hash_file
+from .store import COMMIT_GROUP, Entry, Manifest, Store, Temp, fsync_path, hash_file
 from .transport import FetchRequest, GroupCommit, Staged, Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
@@ -231,7 +231,7 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
                     group.append((item.staged, final))
                 else:
                     group += store.stage_batch([(final, item.data)])
-                if len(group) >= _GROUP:
+                if len(group) >= COMMIT_GROUP:
                     yield group
                     group = []
         except BaseException:
@@ -283,10 +283,6 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
             for _, pairs in staged:
                 store.discard_temps(pairs)
             raise
-
-
-# New shards per group commit (a filesystem sync, then the renames).
-_GROUP: Final = 4096
 
 
 class _Stopped(Exception):

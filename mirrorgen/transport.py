@@ -905,14 +905,10 @@ class _Lane:
             elif method == "GET":
                 with contextlib.suppress(OSError):
                     resp.read(1 << 16)  # an error page: short, or the connection goes
-        except _Retry:
-            self._drop(key)
-            raise
-        except OSError as exc:
-            self._drop(key)
-            raise _Retry(_describe(exc)) from None
-        except BaseException:
-            self._drop(key)
+        except BaseException as exc:
+            self._drop(key)  # what is left of the response is not read: not reusable
+            if isinstance(exc, OSError):
+                raise _Retry(_describe(exc)) from None
             raise
         if resp.will_close or not resp.isclosed():
             self._drop(key)
