@@ -5,6 +5,7 @@ the manifest) give exactly what the slow ones would."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,41 @@ async def test_a_changed_record_rewrites_its_subdir_and_re_encodes_only_its_shar
     # Exactly one new shard (the patched name's); the others are the files of the first run.
     assert len(shards(root, "linux-64") - shards_before["linux-64"]) == 1
     assert shards(root, "noarch") == shards_before["noarch"]
+
+
+async def test_a_new_name_rewrites_its_subdir_only_and_the_next_sync_is_a_no_op(upstream, write_config) -> None:
+    # A name last run did not publish gets its content key only when its shard is encoded; the
+    # subdir's fingerprint must then be taken after that, or the next run would rewrite it again.
+    config = write_config(upstream.channel_url)
+    store, mirror = Store(config.root), config.mirrors[0]
+    await sync_mirror(config, mirror, store, progress=False)
+    root = store.mirror_dir(mirror.name)
+    before = snapshot(root)
+    noarch_shards = shards(root, "noarch")
+    path = upstream.root / "demo" / "linux-64" / "repodata.json"
+    doc = json.loads(path.read_bytes())
+    fn, record = next(iter(doc["packages.conda"].items()))
+    doc["packages.conda"]["brandnew-1.0-0.conda"] = {**record, "name": "brandnew", "version": "1.0",
+                                                     "build": "0"}
+    path.write_text(json.dumps(doc))
+    for suffix in (".zst", ".bz2"):
+        path.with_name(f"repodata.json{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(path.with_name(fn), path.with_name("brandnew-1.0-0.conda"))  # same bytes, same hash
+
+    second = await sync_mirror(config, mirror, store, progress=False)
+
+    assert not second.failed and second.downloaded == 1
+
+    after = snapshot(root)
+    assert {k for k in after if after[k] != before.get(k)} == {
+        "linux-64/repodata.json", "linux-64/repodata.json.zst",
+        "linux-64/repodata_shards.msgpack.zst", "channeldata.json"}
+    assert shards(root, "noarch") == noarch_shards
+    assert "brandnew-1.0-0.conda" in json.loads(after["linux-64/repodata.json"][1])["packages.conda"]
+
+    third = await sync_mirror(config, mirror, store, progress=False)
+
+    assert third.index_files == 0 and snapshot(root) == after
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete-zst", "lose-state"])
@@ -222,3 +258,15 @@ def test_shards_packed_by_msgspec_are_the_bytes_msgpack_would_write() -> None:
                               {r.fn: r.raw for r in group if r.is_conda})
         packed = pack_shard_source(source)
         assert msgpack.packb(msgpack.unpackb(packed, raw=False), use_bin_type=True) == packed
+
+
+@pytest.mark.parametrize("relpath", sorted(p.name for p in TESTDATA.glob("*.json")))
+def test_a_shard_source_built_from_records_is_the_general_one(relpath: str) -> None:
+    from mirrorgen.conda.shards import records_source, shard_source
+
+    index = real(relpath)
+    plan = plan_shards("linux-64", index.records)
+    assert plan.misses and not plan.complete
+    for name, group in plan.misses:
+        assert records_source(group) == shard_source({r.fn: r.raw for r in group if not r.is_conda},
+                                                     {r.fn: r.raw for r in group if r.is_conda}), name

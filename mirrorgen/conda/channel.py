@@ -22,7 +22,7 @@ from .matchspec import CondaEcosystem
 from .record import CondaRecord
 from .shards import SHARDS_DIR
 from .source import ChannelIndex, CondaSource
-from .writer import plan_shards, render_channeldata, render_repodata
+from .writer import ShardPlan, plan_shards, render_channeldata, render_repodata
 
 __all__ = ["CondaChannel", "IndexFile", "Rendering"]
 
@@ -149,27 +149,35 @@ class CondaChannel:
         state = state if isinstance(state, dict) else {}
         previous = state.get("shards") if isinstance(state.get("shards"), dict) else {}
         published = state.get("published") if isinstance(state.get("published"), dict) else {}
-        plans, fingerprints, unchanged = {}, {}, set()
+        plans: dict[str, ShardPlan] = {}
         for subdir in subdirs:
             on_disk: set[str] = set()
             if mirror_dir is not None and (mirror_dir / subdir / "shards").is_dir():
                 on_disk = {f"shards/{n}" for n in os.listdir(mirror_dir / subdir / "shards")}
             cache = previous.get(subdir)
-            plan = plans[subdir] = plan_shards(subdir, by_subdir.get(subdir, []),
-                                               cache=cache if isinstance(cache, dict) else None,
-                                               on_disk=on_disk)
+            plans[subdir] = plan_shards(subdir, by_subdir.get(subdir, []),
+                                        cache=cache if isinstance(cache, dict) else None, on_disk=on_disk)
+
+        def fingerprint(subdir: str) -> str:
             src = self.index.subdirs[subdir]
-            fingerprints[subdir] = _fingerprint(
+            return _fingerprint(
                 WRITER_VERSION, orjson.dumps({k: bytes(v).decode() for k, v in src.info.items()}),
                 orjson.dumps(sorted(src.removed)),
-                *(f"{name}={key}".encode() for name, key in plan.keys.items()))
-            if _still_published(mirror_dir, subdir, fingerprints[subdir], published.get(subdir)):
-                unchanged.add(subdir)
-        fingerprints[""] = _fingerprint(WRITER_VERSION, *(fingerprints[s].encode() for s in subdirs),
-                                        orjson.dumps(self.index.channeldata, option=orjson.OPT_SORT_KEYS))
-        if _still_published(mirror_dir, "", fingerprints[""], published.get("")):
-            unchanged.add("")
-        self._fingerprints = fingerprints
+                *(f"{name}={key}".encode() for name, key in sorted(plans[subdir].keys.items())))
+
+        def fingerprints() -> dict[str, str]:
+            out = {subdir: fingerprint(subdir) for subdir in subdirs}
+            out[""] = _fingerprint(WRITER_VERSION, *(out[s].encode() for s in subdirs),
+                                   orjson.dumps(self.index.channeldata, option=orjson.OPT_SORT_KEYS))
+            return out
+
+        # A plan with a key still unknown has a name last run did not publish: that subdir and
+        # the channel's top are changed, and their fingerprints are taken once the new shards
+        # are made (their encoding computes those keys).
+        known = {s: fingerprint(s) for s in subdirs if plans[s].complete}
+        if len(known) == len(subdirs):
+            known = self._fingerprints = fingerprints()
+        unchanged = {s for s, f in known.items() if _still_published(mirror_dir, s, f, published.get(s))}
 
         def new() -> Iterator[IndexFile]:
             # Yielded as the encoder makes them: each is written while the next is encoded.
@@ -185,6 +193,7 @@ class CondaChannel:
                 for relpath, data in plans[subdir].encode():
                     yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
             self._state = {"shards": {s: plans[s].cache for s in subdirs}}
+            self._fingerprints = fingerprints()
 
         def files() -> Iterator[IndexFile]:
             for subdir in subdirs:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -188,6 +188,29 @@ def shard_source(
     kept_removed = sorted({fn for fn in removed if _is_archive_filename(fn)})
     return b"".join([b"[", *_joined(packages), b",", *_joined(packages_conda), b",",
                      orjson.dumps(kept_removed), b"]"])
+
+
+def records_source(records: Iterable[Any]) -> bytes:
+    """:func:`shard_source` for one name's records as the source read them (CondaRecords, or
+    anything with ``fn``, ``raw`` and ``is_conda``), sorted by file name: the same bytes, but
+    built with one join and no dict, sort or escaping per record. That holds because the source
+    admits only archive file names of ``[A-Za-z0-9_.+!~-]`` (mirrorgen.conda.source), which
+    JSON needs no escape for; at conda-forge scale the general path cost the run 0.3 s."""
+    tar: list[Any] = []
+    conda: list[Any] = []
+    for record in records:
+        (conda if record.is_conda else tar).extend((b',"', record.fn.encode(), b'":', record.raw))
+    parts: list[Any] = [b"["]
+    for group in (tar, conda):
+        if group:
+            group[0] = b'{"'
+            parts += group
+            parts.append(b"}")
+        else:
+            parts.append(b"{}")
+        parts.append(b",")
+    parts.append(b"[]]")
+    return b"".join(parts)
 
 
 def pack_shard_source(source: bytes) -> bytes:
