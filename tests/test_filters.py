@@ -482,3 +482,30 @@ def test_malformed_records_and_unsafe_file_names_are_rejected_not_fatal():
 def test_an_unparseable_index_is_a_repodata_error(data):
     with pytest.raises(RepodataError):
         parse_repodata(data, "noarch", 0, "test://broken")
+
+
+@pytest.mark.parametrize("relpath, filters", [
+    ("conda_r_linux-64_repodata.json", dict(licenses=["-gpl3", "-agpl"])),
+    ("conda_r_linux-64_repodata.json", dict(licenses=["mit", "bsd"])),
+    ("conda_r_linux-64_repodata.json", dict(licenses=["-gpl3"], exclude=["r-base"])),
+    ("davhau_intel_linux-64_2023-08-28.json", dict(licenses=["-bsd"], python_versions=["3.9"])),
+])
+def test_the_policy_short_cut_gives_what_the_general_path_gives(relpath, filters):
+    # With nothing to restore and nothing narrowed, apply_filters skips the identity passes of
+    # the general path (_apply_policy); both must keep and drop exactly the same records.
+    from mirrorgen.filters import pipeline
+    from mirrorgen.filters.licenses import filter_licenses
+    from mirrorgen.filters.specs import SpecSet, filter_exclude
+
+    records = real(relpath).records
+    out = run(records, **filters)
+    py_ok = [r for r in records if r.key not in out.dropped
+             or out.dropped[r.key][0] != "python_versions"]
+    policy: dict = {}
+    passed = filter_exclude(filter_licenses(py_ok, tuple(filters["licenses"]), ECO, policy),
+                            SpecSet(tuple(filters.get("exclude", ())), ECO), policy)
+    dropped = {k: v for k, v in out.dropped.items() if v[0] == "python_versions"}
+    restored, after = pipeline._apply_policy(py_ok, list(py_ok), passed, SpecSet((), ECO), policy, dropped)
+    assert policy and after and not restored
+    assert [r.key for r in out.kept] == [r.key for r in after]
+    assert out.dropped == dropped

@@ -24,15 +24,27 @@ def filter_licenses(records: Iterable[Any], licenses: Sequence[str], eco: Ecosys
         return list(records)
     blocked = {normalize_family(x[1:]) for x in licenses if x.startswith("-")}
     allowed = {normalize_family(x) for x in licenses if not x.startswith("-")}
+    # A channel has a few dozen distinct family sets: each one's verdict is worked out once.
+    verdicts: dict[frozenset[str], str | None] = {}
     kept = []
     for record in records:
         families = eco.license_families(record)
-        hit = families & blocked
-        if hit:
-            dropped[record.key] = (NAME, f"license family {sorted(hit)[0]} is blocked")
-        elif allowed and not families <= allowed:
-            other = sorted(families - allowed)[0]
-            dropped[record.key] = (NAME, f"license family {other} is not allowed")
-        else:
+        try:
+            reason = verdicts[families]
+        except KeyError:
+            reason = verdicts[families] = _verdict(families, blocked, allowed)
+        if reason is None:
             kept.append(record)
+        else:
+            dropped[record.key] = (NAME, reason)
     return kept
+
+
+def _verdict(families: frozenset[str], blocked: set[str], allowed: set[str]) -> str | None:
+    """Why a record of these families is dropped, or None if it is kept."""
+    hit = families & blocked
+    if hit:
+        return f"license family {sorted(hit)[0]} is blocked"
+    if allowed and not families <= allowed:
+        return f"license family {sorted(families - allowed)[0]} is not allowed"
+    return None

@@ -54,6 +54,36 @@ def apply_filters(records: Sequence[Any], filters: Filters, eco: Ecosystem) -> F
     policy: dict[str, tuple[str, str]] = {}
     passed = filter_licenses(py_ok, filters.licenses, eco, policy)
     passed = filter_exclude(passed, exclude, policy)
+    if not include and len(current) == len(py_ok):
+        # Nothing to put back and nothing narrowed (the filters above only remove, in order):
+        # what passed the policy is what is kept, and all it refused is dropped. The general
+        # path below costs four passes over every record (a quarter of a second at 500,000).
+        restored: list[str] = []
+        after_policy = passed
+        dropped.update(policy)
+    else:
+        restored, after_policy = _apply_policy(py_ok, current, passed, include, policy, dropped)
+
+    kept = filter_latest(after_policy, filters.latest, eco, dropped)
+
+    report = None
+    if filters.include_dependencies:
+        refused = dict(policy)
+        kept, report = add_dependencies(kept, py_ok, refused, filters.latest, eco)
+        for key in report.added:
+            dropped.pop(key, None)
+
+    unused = {name: s.unused() for name, s in (("only", only), ("exclude", exclude), ("include", include))
+              if s and s.unused()}
+    return FilterOutcome(kept=kept, dropped=dropped, restored=restored, dependencies=report,
+                         unused_specs=unused, total=len(records))
+
+
+def _apply_policy(py_ok: Sequence[Any], current: list[Any], passed: list[Any], include: SpecSet,
+                  policy: dict[str, tuple[str, str]], dropped: dict[str, tuple[str, str]]
+                  ) -> tuple[list[str], list[Any]]:
+    """``include`` puts back what the policy refused; the records of ``current`` it then allows,
+    and the keys it restored; the policy's verdicts on ``current`` go into ``dropped``."""
     # Membership by identity: a record's key is a string built on demand, and half a million of
     # them only to test membership would cost more than the filters themselves.
     allowed = {id(r) for r in passed}
@@ -70,17 +100,4 @@ def apply_filters(records: Sequence[Any], filters: Filters, eco: Ecosystem) -> F
     if policy:
         refused_here = {r.key for r in current if id(r) not in allowed}
         dropped.update((k, v) for k, v in policy.items() if k in refused_here)
-
-    kept = filter_latest(after_policy, filters.latest, eco, dropped)
-
-    report = None
-    if filters.include_dependencies:
-        refused = dict(policy)
-        kept, report = add_dependencies(kept, py_ok, refused, filters.latest, eco)
-        for key in report.added:
-            dropped.pop(key, None)
-
-    unused = {name: s.unused() for name, s in (("only", only), ("exclude", exclude), ("include", include))
-              if s and s.unused()}
-    return FilterOutcome(kept=kept, dropped=dropped, restored=restored, dependencies=report,
-                         unused_specs=unused, total=len(records))
+    return restored, after_policy
