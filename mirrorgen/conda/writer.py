@@ -294,32 +294,20 @@ def render_channeldata(subdirs: Sequence[str], kept: Iterable[CondaRecord],
 
     up_packages = (upstream or {}).get("packages") if isinstance(upstream, dict) else None
     up_packages = up_packages if isinstance(up_packages, dict) else {}
-    # Per name, the first record of each distinct version string: a name's records share few
-    # versions (builds for several pythons), so versions are parsed and compared once each, not
-    # once per record (half the time of this function at conda-forge scale).
-    firsts: dict[str, dict[str, CondaRecord]] = {}
-    subdirs_of: dict[str, set[str]] = {}
-    for record in kept:
-        versions = firsts.get(record.name)
-        if versions is None:
-            versions = firsts[record.name] = {}
-            subdirs_of[record.name] = set()
-        if record.version not in versions:
-            versions[record.version] = record
-        subdirs_of[record.name].add(record.channel_subdir)
     names: dict[str, dict[str, Any]] = {}
-    for name, versions in firsts.items():
-        base = up_packages.get(name)
-        entry = names[name] = dict(base) if isinstance(base, dict) else {}
-        entry["subdirs"] = subdirs_of[name]
-        # The record with the highest version, the first one listed among equals; an unparsable
-        # version only where no other parses.
-        best: tuple[Any, CondaRecord] | None = None
-        for text, record in versions.items():
-            version = conda_version(text)
-            if best is None or (version is not None and (best[0] is None or version > best[0])):
-                best = (version, record)
-        entry["_best"] = best
+    for record in kept:
+        entry = names.get(record.name)
+        if entry is None:
+            base = up_packages.get(record.name)
+            entry = dict(base) if isinstance(base, dict) else {}
+            entry["subdirs"] = set()
+            entry["_best"] = None
+            names[record.name] = entry
+        entry["subdirs"].add(record.channel_subdir)
+        version = conda_version(record.version)
+        best = entry["_best"]
+        if best is None or (version is not None and (best[0] is None or version > best[0])):
+            entry["_best"] = (version, record)
     packages = {}
     for name in sorted(names):
         entry = names[name]
