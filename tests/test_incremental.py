@@ -35,12 +35,17 @@ def shards(mirror: Path, subdir: str) -> set[str]:
     return {p.name for p in (mirror / subdir / "shards").iterdir()}
 
 
-def patch_upstream(channel: Path, subdir: str, fn: str, **changes: object) -> None:
-    """Change one record upstream, as a repodata hotfix does; drop the compressed copies so the
+def patch_upstream(channel: Path, subdir: str, fn: str, *, copy_of: str | None = None,
+                   **changes: object) -> None:
+    """Change one record upstream, as a repodata hotfix does, or add ``fn`` as a copy of the
+    record ``copy_of`` and its file (same bytes, same hash); drop the compressed copies so the
     plain file is what gets read."""
     path = channel / subdir / "repodata.json"
     doc = json.loads(path.read_bytes())
     key = "packages.conda" if fn.endswith(".conda") else "packages"
+    if copy_of is not None:
+        doc[key][fn] = dict(doc[key][copy_of])
+        shutil.copyfile(channel / subdir / copy_of, channel / subdir / fn)
     doc[key][fn].update(changes)
     path.write_text(json.dumps(doc))
     for suffix in (".zst", ".bz2"):
@@ -96,20 +101,13 @@ async def test_a_new_name_rewrites_its_subdir_only_and_the_next_sync_is_a_no_op(
     root = store.mirror_dir(mirror.name)
     before = snapshot(root)
     noarch_shards = shards(root, "noarch")
-    path = upstream.root / "demo" / "linux-64" / "repodata.json"
-    doc = json.loads(path.read_bytes())
-    fn, record = next(iter(doc["packages.conda"].items()))
-    doc["packages.conda"]["brandnew-1.0-0.conda"] = {**record, "name": "brandnew", "version": "1.0",
-                                                     "build": "0"}
-    path.write_text(json.dumps(doc))
-    for suffix in (".zst", ".bz2"):
-        path.with_name(f"repodata.json{suffix}").unlink(missing_ok=True)
-    shutil.copyfile(path.with_name(fn), path.with_name("brandnew-1.0-0.conda"))  # same bytes, same hash
+    fn = next(iter(json.loads((root / "linux-64" / "repodata.json").read_bytes())["packages.conda"]))
+    patch_upstream(upstream.root / "demo", "linux-64", "brandnew-1.0-0.conda", copy_of=fn,
+                   name="brandnew", version="1.0", build="0")
 
     second = await sync_mirror(config, mirror, store, progress=False)
 
     assert not second.failed and second.downloaded == 1
-
     after = snapshot(root)
     assert {k for k in after if after[k] != before.get(k)} == {
         "linux-64/repodata.json", "linux-64/repodata.json.zst",
