@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ import zstandard
 from mirrorgen.conda.shards import decode_shard
 from mirrorgen.conda.source import parse_repodata
 from mirrorgen.conda.writer import plan_shards, render_repodata, render_shards
+from mirrorgen.config import Config, MirrorConfig
 from mirrorgen.store import Manifest, Store
-from mirrorgen.sync import sync_mirror
+from mirrorgen.sync import RunResult, sync_mirror
 from mirrorgen.workers import WorkerError, WorkerPool
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "conda"
@@ -52,39 +54,62 @@ def patch_upstream(channel: Path, subdir: str, fn: str, *, copy_of: str | None =
         (channel / subdir / f"repodata.json{suffix}").unlink(missing_ok=True)
 
 
+@dataclass
+class Synced:
+    """A mirror of the demo upstream after its first sync."""
+
+    config: Config
+    store: Store
+    mirror: MirrorConfig
+    root: Path
+    first: RunResult
+
+    @classmethod
+    async def first_sync(cls, upstream, write_config) -> Synced:
+        config = write_config(upstream.channel_url)
+        store, mirror = Store(config.root), config.mirrors[0]
+        first = await sync_mirror(config, mirror, store, progress=False)
+        return cls(config, store, mirror, store.mirror_dir(mirror.name), first)
+
+    async def again(self) -> RunResult:
+        return await sync_mirror(self.config, self.mirror, self.store, progress=False)
+
+
+# What a change to one linux-64 record rewrites: that subdir's index files and the channel's top.
+LINUX_64_REWRITTEN = {"linux-64/repodata.json", "linux-64/repodata.json.zst",
+                      "linux-64/repodata_shards.msgpack.zst", "channeldata.json"}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {k for k in after if after[k] != before.get(k)}
+
+
 async def test_a_no_op_sync_leaves_every_index_file_and_the_manifest_untouched(upstream, write_config) -> None:
-    config = write_config(upstream.channel_url)
-    store, mirror = Store(config.root), config.mirrors[0]
-    first = await sync_mirror(config, mirror, store, progress=False)
-    assert first.index_files > 0
-    before = snapshot(store.mirror_dir(mirror.name))
-    manifest = store.state_dir(mirror.name) / "manifest.json"
+    synced = await Synced.first_sync(upstream, write_config)
+    assert synced.first.index_files > 0
+    before = snapshot(synced.root)
+    manifest = synced.store.state_dir(synced.mirror.name) / "manifest.json"
     manifest_mtime = manifest.stat().st_mtime_ns
 
-    second = await sync_mirror(config, mirror, store, progress=False)
+    second = await synced.again()
 
-    assert second.index_files == 0 and second.downloaded == 0 and second.reused == first.downloaded
-    assert snapshot(store.mirror_dir(mirror.name)) == before
+    assert second.index_files == 0 and second.downloaded == 0 and second.reused == synced.first.downloaded
+    assert snapshot(synced.root) == before
     assert manifest.stat().st_mtime_ns == manifest_mtime
 
 
 async def test_a_changed_record_rewrites_its_subdir_and_re_encodes_only_its_shard(upstream, write_config) -> None:
-    config = write_config(upstream.channel_url)
-    store, mirror = Store(config.root), config.mirrors[0]
-    await sync_mirror(config, mirror, store, progress=False)
-    root = store.mirror_dir(mirror.name)
+    synced = await Synced.first_sync(upstream, write_config)
+    root = synced.root
     before = snapshot(root)
     shards_before = {s: shards(root, s) for s in ("linux-64", "noarch")}
     doc = json.loads((root / "linux-64" / "repodata.json").read_bytes())
     fn, record = next(iter(doc["packages.conda"].items()))
 
     patch_upstream(upstream.root / "demo", "linux-64", fn, depends=[*record["depends"], "hotfix-added"])
-    await sync_mirror(config, mirror, store, progress=False)
+    await synced.again()
 
-    after = snapshot(root)
-    changed = {k for k in after if after[k] != before.get(k)}
-    assert changed == {"linux-64/repodata.json", "linux-64/repodata.json.zst",
-                       "linux-64/repodata_shards.msgpack.zst", "channeldata.json"}
+    assert changed(before, snapshot(root)) == LINUX_64_REWRITTEN
     published = json.loads((root / "linux-64" / "repodata.json").read_bytes())
     assert published["packages.conda"][fn]["depends"][-1] == "hotfix-added"
     # Exactly one new shard (the patched name's); the others are the files of the first run.
@@ -95,27 +120,23 @@ async def test_a_changed_record_rewrites_its_subdir_and_re_encodes_only_its_shar
 async def test_a_new_name_rewrites_its_subdir_only_and_the_next_sync_is_a_no_op(upstream, write_config) -> None:
     # A name last run did not publish gets its content key only when its shard is encoded; the
     # subdir's fingerprint must then be taken after that, or the next run would rewrite it again.
-    config = write_config(upstream.channel_url)
-    store, mirror = Store(config.root), config.mirrors[0]
-    await sync_mirror(config, mirror, store, progress=False)
-    root = store.mirror_dir(mirror.name)
+    synced = await Synced.first_sync(upstream, write_config)
+    root = synced.root
     before = snapshot(root)
     noarch_shards = shards(root, "noarch")
     fn = next(iter(json.loads((root / "linux-64" / "repodata.json").read_bytes())["packages.conda"]))
     patch_upstream(upstream.root / "demo", "linux-64", "brandnew-1.0-0.conda", copy_of=fn,
                    name="brandnew", version="1.0", build="0")
 
-    second = await sync_mirror(config, mirror, store, progress=False)
+    second = await synced.again()
 
     assert not second.failed and second.downloaded == 1
     after = snapshot(root)
-    assert {k for k in after if after[k] != before.get(k)} == {
-        "linux-64/repodata.json", "linux-64/repodata.json.zst",
-        "linux-64/repodata_shards.msgpack.zst", "channeldata.json"}
+    assert changed(before, after) == LINUX_64_REWRITTEN
     assert shards(root, "noarch") == noarch_shards
     assert "brandnew-1.0-0.conda" in json.loads(after["linux-64/repodata.json"][1])["packages.conda"]
 
-    third = await sync_mirror(config, mirror, store, progress=False)
+    third = await synced.again()
 
     assert third.index_files == 0 and snapshot(root) == after
 
@@ -123,19 +144,17 @@ async def test_a_new_name_rewrites_its_subdir_only_and_the_next_sync_is_a_no_op(
 @pytest.mark.parametrize("damage", ["truncate", "delete-zst", "lose-state"])
 async def test_a_damaged_index_file_or_lost_state_is_repaired_by_the_next_sync(
         upstream, write_config, damage: str) -> None:
-    config = write_config(upstream.channel_url)
-    store, mirror = Store(config.root), config.mirrors[0]
-    await sync_mirror(config, mirror, store, progress=False)
-    root = store.mirror_dir(mirror.name)
+    synced = await Synced.first_sync(upstream, write_config)
+    root = synced.root
     good = snapshot(root)
     if damage == "truncate":
         (root / "noarch" / "repodata.json").write_bytes(b'{"packages": {}}')
     elif damage == "delete-zst":
         (root / "noarch" / "repodata.json.zst").unlink()
     else:
-        (store.state_dir(mirror.name) / "index-cache.json").unlink()
+        (synced.store.state_dir(synced.mirror.name) / "index-cache.json").unlink()
 
-    result = await sync_mirror(config, mirror, store, progress=False)
+    result = await synced.again()
 
     assert result.index_files > 0
     repaired = snapshot(root)
