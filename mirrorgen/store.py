@@ -63,7 +63,7 @@ _MANIFEST_DECODER: Final = msgspec.json.Decoder(_ManifestFile)
 _MANIFEST_ENCODER: Final = msgspec.json.Encoder()
 
 
-def hash_file(path: Path, *, md5: bool = True) -> tuple[str, str | None]:
+def hash_file(path: Path | str, *, md5: bool = True) -> tuple[str, str | None]:
     """sha256 (and md5) of a file already on disk, read once: for files a crash left unrecorded
     and for ``verify``. Downloads hash while they stream instead (mirrorgen.transport)."""
     h_sha = hashlib.sha256()
@@ -260,7 +260,7 @@ class Store:
                         os.unlink(directory / name)
 
     @staticmethod
-    def discard_temps(temps: Iterable[tuple[Temp | None, Path]]) -> None:
+    def discard_temps(temps: Iterable[tuple[Temp | None, Path | str]]) -> None:
         """Remove staged files that will not be published (those published already are gone)."""
         for tmp, _ in temps:
             discard_temp(tmp)
@@ -291,7 +291,7 @@ class Store:
 
     # -- group commit (downloads) ----------------------------------------------------------------
 
-    def open_temp(self, final: Path, *, parent_exists: bool = False,
+    def open_temp(self, final: Path | str, *, parent_exists: bool = False,
                   anonymous: bool = False) -> tuple[Temp, int]:
         """A new temporary file next to ``final``, and a raw file descriptor for writes from a
         worker thread. ``parent_exists``: the caller has seen the directory already (one system
@@ -303,9 +303,12 @@ class Store:
         ``anonymous``: a named file (``TEMP_PREFIX``, a per-process tag and counter, then the
         final name), which the caller closes. Either way it goes to :meth:`publish_temps` or
         :meth:`discard_temps`."""
+        # The directory as a string: pathlib's parent, hash and str cost more than the rest of a
+        # small file's staging, once per file, for thousands of files.
+        parent = os.path.dirname(final)
         if not parent_exists:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        if anonymous and (fd := _ANONYMOUS.open(final.parent)) >= 0:
+            os.makedirs(parent, exist_ok=True)
+        if anonymous and (fd := _ANONYMOUS.open(parent)) >= 0:
             return OpenTemp(fd), fd
         while True:
             # Unique per process by the counter (no urandom call per file); O_EXCL settles the rest.
@@ -317,10 +320,10 @@ class Store:
             except FileNotFoundError:
                 if not parent_exists:
                     raise
-                final.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
                 parent_exists = False
 
-    def publish_temps(self, items: Sequence[tuple[Temp | None, Path]]) -> None:
+    def publish_temps(self, items: Sequence[tuple[Temp | None, Path | str]]) -> None:
         """Group commit of staged files (``(temp, final)`` pairs): one filesystem sync makes
         every one of them durable, then each is put under its final name (a named temp renamed,
         an :class:`OpenTemp` linked), then each directory touched is fsynced once. Only when this
@@ -334,7 +337,7 @@ class Store:
         would also wait for every other writer's dirty pages."""
         if not items:
             return
-        parents = {final.parent for _, final in items}
+        parents = {os.path.dirname(final) for _, final in items}
         if len(items) <= _FSYNC_FILES_MAX:
             for tmp, final in items:
                 if isinstance(tmp, OpenTemp):
@@ -342,7 +345,7 @@ class Store:
                 else:
                     fsync_path(tmp if tmp is not None else final)
         else:
-            devices: dict[int, Path] = {}
+            devices: dict[int, str] = {}
             for parent in parents:
                 devices.setdefault(os.stat(parent).st_dev, parent)
             for parent in devices.values():
@@ -383,8 +386,9 @@ _TEMP_COUNTER: Final = itertools.count()
 _FSYNC_FILES_MAX: Final = 4  # publish_temps: up to this many files, fsync each; more, sync the fs
 
 
-def _temp_name(final: Path) -> Path:
-    return final.parent / f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}-{final.name}"[:_MAX_PART]
+def _temp_name(final: Path | str) -> Path:
+    parent, name = os.path.split(final)
+    return Path(parent, f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}-{name}"[:_MAX_PART])
 
 
 class OpenTemp:
@@ -406,11 +410,11 @@ class OpenTemp:
     def __repr__(self) -> str:
         return f"OpenTemp(fd={self.fd})"
 
-    def link(self, final: Path) -> None:
+    def link(self, final: Path | str) -> None:
         """Give the file its final name, replacing a file there at once (never a moment with
         no file under that name)."""
         try:
-            os.link(str(self.fd), final, src_dir_fd=_ANONYMOUS.proc_fd())
+            _held_calls().link(self.fd, final)
             return
         except FileExistsError:
             pass
@@ -441,7 +445,7 @@ class OpenTemp:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             try:
-                os.close(fd)
+                _held_calls().close(fd)
             finally:
                 _ANONYMOUS.release()
 
@@ -484,7 +488,7 @@ class _AnonymousFiles:
         self._lock = threading.Lock()
         self.held = 0
         self.limit: int | None = None
-        self._dirs: dict[Path, bool] = {}
+        self._dirs: dict[str, bool] = {}
         self._proc_fd = -1
 
     def _init_limit(self) -> int:
@@ -508,7 +512,7 @@ class _AnonymousFiles:
                     self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._proc_fd
 
-    def open(self, parent: Path) -> int:
+    def open(self, parent: str) -> int:
         """An O_TMPFILE descriptor in ``parent``, or -1 (none to spare, or not possible there)."""
         if not _O_TMPFILE:
             return -1
@@ -533,12 +537,12 @@ class _AnonymousFiles:
         with self._lock:
             self.held -= 1
 
-    def _probe(self, parent: Path) -> bool:
+    def _probe(self, parent: str) -> bool:
         try:
             fd = os.open(parent, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
         except OSError:
             return False  # EOPNOTSUPP, EISDIR (a kernel before 3.11), ...
-        probe = _temp_name(parent / "probe")
+        probe = _temp_name(Path(parent, "probe"))
         try:
             os.link(str(fd), probe, src_dir_fd=self.proc_fd())
             os.unlink(probe)
@@ -553,6 +557,61 @@ _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
 _ANONYMOUS: Final = _AnonymousFiles()
 
 
+class _HeldCalls:
+    """linkat(2) and close(2) for publishing :class:`OpenTemp` files, called without releasing
+    the GIL (through ``ctypes.PyDLL``), where ``os.link`` and ``os.close`` release it.
+
+    A group commit links and closes thousands of small files on one thread while a download
+    thread fetches the next ones. Each released GIL was handed to the other thread and taken
+    back microseconds later, a futex wake and a context switch per call: measured at 20,000
+    files of 250 bytes, 0.85 s of system time and 2.1 s of wall time for the fetch; with the
+    GIL kept over these calls (each a few microseconds on a local disk; the interpreter still
+    hands the GIL over every switch interval), 0.33 s and 1.4 s. Where ctypes or libc is
+    missing, the os functions."""
+
+    def __init__(self) -> None:
+        self._linkat: Any = None
+        self._close: Any = None
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.PyDLL(None, use_errno=True)
+            linkat, close = libc.linkat, libc.close
+            linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            linkat.restype = ctypes.c_int
+            close.argtypes = [ctypes.c_int]
+            close.restype = ctypes.c_int
+            self._linkat, self._close = linkat, close
+
+    def link(self, fd: int, final: Path | str) -> None:
+        """``os.link(str(fd), final, src_dir_fd=/proc/self/fd)``: an open file given a name."""
+        proc = _ANONYMOUS.proc_fd()
+        if self._linkat is None:
+            os.link(str(fd), final, src_dir_fd=proc)
+            return
+        name = os.fsencode(final)
+        if self._linkat(proc, b"%d" % fd, _AT_FDCWD, name, _AT_SYMLINK_FOLLOW) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fsdecode(name))
+
+    def close(self, fd: int) -> None:
+        if self._close is None:
+            os.close(fd)
+        elif self._close(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
+_AT_FDCWD: Final = -100
+_AT_SYMLINK_FOLLOW: Final = 0x400
+_HELD: _HeldCalls | None = None
+
+
+def _held_calls() -> _HeldCalls:
+    global _HELD
+    if _HELD is None:
+        _HELD = _HeldCalls()
+    return _HELD
+
+
 def _libc() -> Any:
     """libc through ctypes, for the Linux calls the standard library lacks (syncfs,
     sync_file_range); False where there is none. A ctypes call releases the GIL."""
@@ -565,7 +624,7 @@ def _libc() -> Any:
     return _LIBC
 
 
-def _sync_filesystem(path: Path) -> None:
+def _sync_filesystem(path: Path | str) -> None:
     """syncfs(2) on the filesystem holding ``path``: flush every dirty page there in one call.
     Elsewhere: os.sync()."""
     syncfs = getattr(_libc(), "syncfs", None)
@@ -665,21 +724,31 @@ class Manifest:
         return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
 
     def add(self, relpath: str, entry: Entry) -> None:
-        self.entries[relpath] = entry
-        self._dirty = True
-        self._append(["+", relpath, entry.size, entry.sha256, entry.md5, entry.mtime_ns])
+        self.add_many([(relpath, entry)])
+
+    def add_many(self, items: Iterable[tuple[str, Entry]]) -> None:
+        """Record verified files (a group commit's worth): one journal write for all of them."""
+        lines = []
+        for relpath, entry in items:
+            self.entries[relpath] = entry
+            lines.append(orjson.dumps(["+", relpath, entry.size, entry.sha256, entry.md5, entry.mtime_ns]))
+        if lines:
+            self._dirty = True
+            self._append(lines)
 
     def discard(self, relpath: str) -> None:
         if self.entries.pop(relpath, None) is not None:
             self._dirty = True
-            self._append(["-", relpath])
+            self._append([orjson.dumps(["-", relpath])])
 
-    def _append(self, item: list[Any]) -> None:
+    def _append(self, lines: list[bytes]) -> None:
         if self._journal is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._journal = open(self.dir / "manifest.journal", "ab")
-        # Flushed per line: a killed process keeps what the OS already has.
-        self._journal.write(orjson.dumps(item) + b"\n")
+        # Flushed per call: a killed process keeps what the OS already has (a line cut short by
+        # the kill is skipped on load, and its file hashed again).
+        lines.append(b"")
+        self._journal.write(b"\n".join(lines))
         self._journal.flush()
 
     def save(self) -> None:

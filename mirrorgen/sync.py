@@ -187,7 +187,7 @@ def _collector_paused() -> Iterator[None]:
 def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, kept: list[Any],
           result: RunResult) -> list[tuple[Any, str, Path]]:
     """The files to fetch: every kept file the manifest cannot vouch for (active mode)."""
-    todo: list[tuple[Any, str, Path]] = []
+    todo: list[tuple[Any, str, str]] = []
     if mirror.mode != "active":
         return todo  # passive mirrors publish indexes only: no package file to check or fetch
     for record in kept:
@@ -201,7 +201,7 @@ def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, 
         if manifest.trusted(relpath, path, size, sha256, md5):
             result.reused += 1
         else:
-            todo.append((record, relpath, Path(path)))
+            todo.append((record, relpath, path))
     return todo
 
 
@@ -310,7 +310,7 @@ def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
 
 
 async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport: Transport,
-                     manifest: Manifest, todo: list[tuple[Any, str, Path]], result: RunResult,
+                     manifest: Manifest, todo: list[tuple[Any, str, str]], result: RunResult,
                      progress: Progress) -> None:
     """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
     waits under its temporary name until a batch of them is made durable by one filesystem sync
@@ -318,11 +318,11 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
     # Which of them are on disk already, from one listing per directory off the loop: a stat per
     # file on the loop would wait for the directory lock the download threads' creates hold.
-    on_disk = await asyncio.to_thread(_names_on_disk, {path.parent for _, _, path in todo})
+    on_disk = await asyncio.to_thread(_names_on_disk, {os.path.dirname(path) for _, _, path in todo})
 
     def published(batch: list[tuple[Any, Staged]]) -> None:
-        for (relpath, rehashed), staged in batch:
-            manifest.add(relpath, staged.entry)
+        manifest.add_many((relpath, staged.entry) for (relpath, _), staged in batch)
+        for (_, rehashed), staged in batch:
             if rehashed:
                 result.rehashed += 1
             else:
@@ -345,7 +345,7 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
         request = FetchRequest(relpath, channel.file_url(record), path, size, sha256, md5)
         # On disk but not in the manifest (a run killed before it recorded the file): hashed
         # instead of fetched again.
-        (found if (path.parent, path.name) in on_disk else requests).append(request)
+        (found if os.path.split(path) in on_disk else requests).append(request)
 
     try:
         async with GroupCommit(store, published) as commits:
@@ -370,9 +370,9 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
         progress.close()
 
 
-def _names_on_disk(dirs: set[Path]) -> set[tuple[Path, str]]:
+def _names_on_disk(dirs: set[str]) -> set[tuple[str, str]]:
     """``(directory, name)`` of every entry in ``dirs`` (missing directories have none)."""
-    out: set[tuple[Path, str]] = set()
+    out: set[tuple[str, str]] = set()
     for directory in dirs:
         try:
             with os.scandir(directory) as entries:
@@ -382,9 +382,9 @@ def _names_on_disk(dirs: set[Path]) -> set[tuple[Path, str]]:
     return out
 
 
-def _hash_existing(path: Path, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
+def _hash_existing(path: str, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     if size is not None and st.st_size != size:

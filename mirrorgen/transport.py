@@ -270,7 +270,7 @@ class Transport:
         self._free.append(lane)
 
 
-def _copy_local(url: str, path: Path, final: Path, store: Store, size: int | None,
+def _copy_local(url: str, path: Path, final: Path | str, store: Store, size: int | None,
                 sha256: str | None, md5: str | None, verify: bool) -> Staged:
     try:
         src = open(path, "rb", buffering=0)
@@ -291,7 +291,7 @@ def _copy_local(url: str, path: Path, final: Path, store: Store, size: int | Non
                 sink.write(buf[:n])
             if size is not None and got != size:
                 raise SizeMismatch(redact(url), size, got)
-            return sink.finish(redact(url), got)
+            return sink.finish(url, got)
         except BaseException:
             sink.abort()
             raise
@@ -303,7 +303,7 @@ class Staged:
     :meth:`Store.open_temp`), not yet durable; ``tmp`` None for a file found (and re-hashed)
     under its final name."""
     tmp: Temp | None
-    final: Path
+    final: Path | str
     entry: Entry
     bytes_downloaded: int
 
@@ -414,7 +414,7 @@ class FetchRequest:
     """One file for :meth:`Transport.fetch_many`; ``key`` is the caller's, handed back."""
     key: Any
     url: str
-    final: Path
+    final: Path | str
     size: int | None
     sha256: str | None
     md5: str | None
@@ -501,7 +501,7 @@ class _Batch:
 class _Job:
     """One download handed to a lane; ``cancel`` (from the loop) makes the lane drop it."""
 
-    def __init__(self, url: str, final: Path | None, batch: _Batch | None, size: int | None,
+    def __init__(self, url: str, final: Path | str | None, batch: _Batch | None, size: int | None,
                  hasher: _Hasher | None) -> None:
         self.url, self.final, self.batch, self.size, self.hasher = url, final, batch, size, hasher
         self.cancelled = False
@@ -781,7 +781,7 @@ class _Lane:
         self.loop, self.timeout = loop, timeout
         self.conns: dict[tuple[str, str, int], _Conn] = {}
         self.buf = memoryview(bytearray(BUFFER))
-        self.dirs: set[Path] = set()
+        self.dirs: set[str] = set()
         self.ahead: deque[FetchRequest] = deque()  # taken from the batch, not fetched yet
         self.serial: set[tuple[str, str, int]] = set()  # upstreams sent one request at a time
         # URL up to its last "/" -> (connection key, request bytes before the name, after it).
@@ -975,7 +975,7 @@ class _Lane:
                     raise _Cancelled()
             if size is not None and got != size:
                 raise SizeMismatch(redact(job.url), size, got)
-            return sink.finish(redact(job.url), got)
+            return sink.finish(job.url, got)
         except BaseException:
             sink.abort()
             raise
@@ -1153,7 +1153,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class _Sink:
     """One download's temporary file and hashes (used from one thread)."""
 
-    def __init__(self, store: Store, final: Path, hasher: _Hasher, dirs: set[Path] | None = None) -> None:
+    def __init__(self, store: Store, final: Path | str, hasher: _Hasher, dirs: set[str] | None = None) -> None:
         self.store, self.final, self.hasher, self.dirs = store, final, hasher, dirs
         self.tmp: Temp | None = None
         self.fd = -1
@@ -1161,7 +1161,7 @@ class _Sink:
     def open(self) -> None:
         """Create the temporary file; ``dirs``: directories known to exist, shared by the calls of
         one thread, so that a directory is made (and checked) once, not once per file."""
-        parent = self.final.parent
+        parent = os.path.dirname(self.final)
         known = self.dirs is not None and parent in self.dirs
         self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known, anonymous=True)
         if self.dirs is not None and not known:
@@ -1173,12 +1173,13 @@ class _Sink:
             data = data[os.write(self.fd, data):]
 
     def finish(self, url: str, got: int) -> Staged:
-        """Check the hashes, close the file, and hand it over as verified."""
+        """Check the hashes, close the file, and hand it over as verified (``url``, as asked
+        for: an error names it redacted)."""
         digests = self.hasher.check(url)
         start_writeback(self.fd, got)
         st = os.fstat(self.fd)
         if st.st_size != got:  # never expected: what was written is not what was received
-            raise SizeMismatch(url, got, st.st_size)
+            raise SizeMismatch(redact(url), got, st.st_size)
         assert self.tmp is not None
         close_written(self.tmp, self.fd)
         self.fd = -1
@@ -1216,9 +1217,9 @@ class _Hasher:
         got_md5 = self.md5.hexdigest() if self.md5 is not None else None
         if self.verify:
             if self.want_sha256 and got_sha != self.want_sha256:
-                raise ChecksumMismatch(url, "sha256", self.want_sha256, got_sha)
+                raise ChecksumMismatch(redact(url), "sha256", self.want_sha256, got_sha)
             if self.md5 is not None and got_md5 != self.want_md5:
-                raise ChecksumMismatch(url, "md5", self.want_md5 or "", got_md5 or "")
+                raise ChecksumMismatch(redact(url), "md5", self.want_md5 or "", got_md5 or "")
         return got_sha, (got_md5 or self.want_md5)
 
 

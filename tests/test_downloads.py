@@ -136,7 +136,7 @@ async def test_a_file_failing_verification_leaves_the_rest_of_its_batch_committe
 
     def publish_temps(self: Store, items):  # type: ignore[no-untyped-def]
         # Package files only: new shards are published by the same group commit.
-        files = [final for _, final in items if final.name.endswith((".conda", ".tar.bz2"))]
+        files = [final for _, final in items if os.fspath(final).endswith((".conda", ".tar.bz2"))]
         if files:
             batches.append(len(files))
         original(self, items)
