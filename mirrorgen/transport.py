@@ -10,7 +10,8 @@ kept-alive connections). Index files (a few, parsed in memory) are each one call
 fetched start to end by one of the threads: the body is received straight into
 one reused buffer, hashed and written from there, in calls that release the GIL, so the event loop
 never waits for a disk or a hash, and a byte is copied only from the socket and into the page
-cache. Small files go to one thread, which pipelines their requests (sends up to 32 ahead on its
+cache; a large file (``_DIRECT_MIN``) not even there: it goes from the buffer to the disk
+(O_DIRECT, see mirrorgen.store). Small files go to one thread, which pipelines their requests (sends up to 32 ahead on its
 connection) instead of waiting a round trip for each; large ones to every thread (see
 :meth:`_Batch.take`). A verified file stays a temporary file (mostly an unnamed one, see
 :class:`mirrorgen.store.OpenTemp`) until :class:`GroupCommit` publishes it with a batch of others:
@@ -25,6 +26,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import mmap
 import os
 import queue
 import random
@@ -44,7 +46,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
-from .store import Entry, Store, Temp, close_written, discard_temp, start_writeback
+from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
+                    start_writeback, write_direct)
 from .urls import is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
@@ -53,6 +56,10 @@ CHUNK: Final = 1 << 18
 # What a download thread receives, hashes and writes at once: hashing and writing release the GIL
 # for the whole of it, so the Python between them costs nothing next to the work.
 BUFFER: Final = 1 << 20
+# Files of at least this size (by the index) are written with O_DIRECT, a whole BUFFER at a time
+# (see mirrorgen.store, "direct writes"); smaller ones, a write per packet received, through the
+# page cache: a direct write waits for the disk, a cost a file of a few kilobytes would feel.
+_DIRECT_MIN: Final = 256 << 10
 _RETRY_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS: Final = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS: Final = 10
@@ -780,7 +787,8 @@ class _Lane:
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop, self.timeout = loop, timeout
         self.conns: dict[tuple[str, str, int], _Conn] = {}
-        self.buf = memoryview(bytearray(BUFFER))
+        # An anonymous mapping: page-aligned, as direct writes need.
+        self.buf = memoryview(mmap.mmap(-1, BUFFER))
         self.dirs: set[str] = set()
         self.ahead: deque[FetchRequest] = deque()  # taken from the batch, not fetched yet
         self.serial: set[tuple[str, str, int]] = set()  # upstreams sent one request at a time
@@ -951,12 +959,15 @@ class _Lane:
         size, buf = job.size, self.buf
         sink = _Sink(job.batch.store, job.final, job.hasher, self.dirs)
         try:
-            sink.open()
+            sink.open(direct=size is not None and size >= _DIRECT_MIN)
             got = 0
+            filled = 0  # direct: bytes received into buf, not written yet
             while True:
                 # With a known size, never ask for more than one byte past it: a longer body is
                 # cut off as soon as it shows.
-                view = buf if size is None else buf[:min(len(buf), size - got + 1)]
+                view = buf[filled:] if sink.direct else buf
+                if size is not None:
+                    view = view[:size - got + 1]
                 try:
                     n = resp.readinto(view)
                 except OSError as exc:
@@ -970,11 +981,17 @@ class _Lane:
                 got += n
                 if size is not None and got > size:
                     raise SizeMismatch(redact(job.url), size, got)
-                sink.write(buf[:n])
+                if not sink.direct:
+                    sink.write(buf[:n])
+                elif (filled := filled + n) == len(buf):
+                    sink.write_direct(buf, filled, last=False)
+                    filled = 0
                 if job.cancelled:
                     raise _Cancelled()
             if size is not None and got != size:
                 raise SizeMismatch(redact(job.url), size, got)
+            if filled:
+                sink.write_direct(buf, filled, last=True)
             return sink.finish(job.url, got)
         except BaseException:
             sink.abort()
@@ -1157,26 +1174,43 @@ class _Sink:
         self.store, self.final, self.hasher, self.dirs = store, final, hasher, dirs
         self.tmp: Temp | None = None
         self.fd = -1
+        self.direct = False
+        self.written = 0
 
-    def open(self) -> None:
+    def open(self, direct: bool = False) -> None:
         """Create the temporary file; ``dirs``: directories known to exist, shared by the calls of
-        one thread, so that a directory is made (and checked) once, not once per file."""
+        one thread, so that a directory is made (and checked) once, not once per file.
+        ``direct``: with O_DIRECT if the filesystem takes it (``self.direct`` says), written
+        through :meth:`write_direct` then."""
         parent = os.path.dirname(self.final)
         known = self.dirs is not None and parent in self.dirs
-        self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known, anonymous=True)
+        self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known, anonymous=True,
+                                                 direct=direct)
+        self.direct = direct and is_direct(self.fd)
         if self.dirs is not None and not known:
             self.dirs.add(parent)
 
     def write(self, data: memoryview) -> None:
         self.hasher.update(data)
+        self.written += len(data)
         while data:
             data = data[os.write(self.fd, data):]
+
+    def write_direct(self, buf: memoryview, n: int, *, last: bool) -> None:
+        """The first ``n`` bytes of ``buf`` (page-aligned, ``n`` a multiple of DIRECT_ALIGN
+        unless ``last``) to a direct file: see :func:`mirrorgen.store.write_direct`."""
+        assert last or n % DIRECT_ALIGN == 0
+        self.hasher.update(buf[:n])
+        if not write_direct(self.fd, buf, n, self.written, last=last):
+            self.direct = False
+        self.written += n
 
     def finish(self, url: str, got: int) -> Staged:
         """Check the hashes, close the file, and hand it over as verified (``url``, as asked
         for: an error names it redacted)."""
         digests = self.hasher.check(url)
-        start_writeback(self.fd, got)
+        if not self.direct:
+            start_writeback(self.fd, got)
         st = os.fstat(self.fd)
         if st.st_size != got:  # never expected: what was written is not what was received
             raise SizeMismatch(redact(url), got, st.st_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import sys
@@ -19,10 +20,12 @@ import orjson
 import pytest
 from aiohttp import web
 
+import mirrorgen.store as store_module
+import mirrorgen.transport as transport_module
 from mirrorgen.errors import SizeMismatch, UpstreamError
-from mirrorgen.store import TEMP_PREFIX, Manifest, Store, unnamed_temps
+from mirrorgen.store import TEMP_PREFIX, Manifest, Store, is_direct, unnamed_temps
 from mirrorgen.sync import sync_mirror
-from mirrorgen.transport import FetchRequest, GroupCommit, Staged, Transport
+from mirrorgen.transport import BUFFER, FetchRequest, GroupCommit, Staged, Transport
 from mirrorgen.verify import verify_mirror
 
 
@@ -165,6 +168,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sized(n: int) -> bytes:
+    """``n`` bytes (what ``/sized/<n>`` serves)."""
+    return (BLOB * (n // len(BLOB) + 1))[:n]
+
+
 @pytest.fixture
 async def odd_upstream(aiohttp_server):  # type: ignore[no-untyped-def]
     """An upstream that redirects, chunks, lies about sizes, cuts connections and stalls."""
@@ -176,6 +184,8 @@ async def odd_upstream(aiohttp_server):  # type: ignore[no-untyped-def]
         if request.transport is not None:
             hits[("peer", request.transport.get_extra_info("peername"))] += 1
         body = BLOB if name == "blob" else SMALL
+        if kind == "sized":
+            return web.Response(body=sized(int(name)))
         if kind == "plain":
             return web.Response(body=body)
         if kind == "redirect":
@@ -236,6 +246,83 @@ async def test_download_verifies_and_publishes(odd_upstream, tmp_path: Path, kin
     assert final.read_bytes() == BLOB and verified.bytes_downloaded == len(BLOB)
     assert verified.entry.sha256 == sha(BLOB) and verified.entry.mtime_ns == final.stat().st_mtime_ns
     assert not temps(tmp_path)
+
+
+def refuses_direct_writes(directory: Path) -> bool:
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_DIRECT, 0o644)
+    except OSError:
+        return True
+    os.close(fd)
+    return False
+
+
+@pytest.mark.parametrize("size", [70_000, 256 << 10, (256 << 10) + 1, BUFFER, BUFFER + 4095, 2 * BUFFER,
+                                  len(BLOB)])
+async def test_a_large_download_goes_to_disk_direct_and_its_padding_is_cut_off(
+        odd_upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    if refuses_direct_writes(tmp_path):
+        pytest.skip(f"{tmp_path}: this filesystem takes no O_DIRECT writes")
+    base, _ = odd_upstream
+    writes: list[tuple[int, int, bool, bool]] = []
+
+    def write_direct(fd: int, buf: memoryview, n: int, offset: int, *, last: bool) -> bool:
+        writes.append((n, offset, last, is_direct(fd)))
+        return store_module.write_direct(fd, buf, n, offset, last=last)
+
+    monkeypatch.setattr(transport_module, "write_direct", write_direct)
+    data = sized(size)
+    final, verified = await fetch(f"{base}/sized/{size}", tmp_path, data)
+    assert final.read_bytes() == data and final.stat().st_size == size == verified.entry.size
+    assert verified.entry.sha256 == sha(data) and not temps(tmp_path)
+    if size < 256 << 10:
+        assert writes == []  # small: through the page cache, a write per packet
+        return
+    # A whole buffer at a time, each at the end of what was written, the last one padded (and
+    # the padding cut off, above) unless the size is a whole number of buffers.
+    assert [(n, offset) for n, offset, _, _ in writes] == [
+        (min(BUFFER, size - offset), offset) for offset in range(0, size, BUFFER)]
+    assert [last for _, _, last, _ in writes] == [False] * (len(writes) - 1) + [size % BUFFER != 0]
+    assert all(direct for *_, direct in writes)
+
+
+async def test_a_filesystem_that_refuses_direct_writes_gets_plain_ones(
+        odd_upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused when the file is opened (remembered for its directory), or at the first write
+    (that file goes on with plain writes): the download is whole either way."""
+    base, _ = odd_upstream
+    opened: list[bool] = []
+    real_open = os.open
+
+    def open_refusing_direct(path, flags, mode=0o777, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(bool(flags & os.O_DIRECT))
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", open_refusing_direct)
+        for name in ("a", "b", "a"):
+            final, _ = await fetch(f"{base}/plain/blob", tmp_path / name, BLOB)
+            assert final.read_bytes() == BLOB and not temps(tmp_path)
+            assert os.path.dirname(final) in store_module._NO_DIRECT
+    assert opened.count(True) == 2  # once per directory ("a" twice), then not tried there again
+
+    if refuses_direct_writes(tmp_path):
+        return
+    refused: list[int] = []
+    real_write_all = store_module._write_all
+
+    def write_all_refusing_direct(fd: int, view: memoryview) -> None:
+        if is_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_write_all(fd, view)
+
+    monkeypatch.setattr(store_module, "_write_all", write_all_refusing_direct)
+    final, verified = await fetch(f"{base}/plain/blob", tmp_path / "c", BLOB)
+    assert final.read_bytes() == BLOB and verified.entry.size == len(BLOB) and not temps(tmp_path)
+    assert len(refused) == 1  # the first write; the rest went in plain
 
 
 @pytest.mark.parametrize("kind", ["plain", "redirect", "chunked"])
