@@ -95,3 +95,30 @@ def test_the_descriptor_limit_leaves_most_descriptors_to_the_rest() -> None:
     limit = store_module._AnonymousFiles()._init_limit()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert 0 < limit <= min(16384, soft // 2)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["libc-keeping-the-GIL", "os-functions"])
+def test_linking_and_closing_unnamed_temps_with_and_without_ctypes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool) -> None:
+    calls = store_module._HeldCalls()
+    if not held:  # no ctypes or no libc: the os functions
+        calls._linkat = calls._close = None
+    assert (calls._linkat is not None) is held
+    monkeypatch.setattr(store_module, "_HELD", calls)
+    store = Store(tmp_path)
+    before = open_fds()
+    store.publish_temps(store.stage_batch(items(tmp_path, 6)))
+    store.publish_temps(store.stage_batch(items(tmp_path, 6, b"again")))  # over the first ones
+    assert open_fds() == before
+    shards = tmp_path / "m" / "shards"
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == {
+        f"s{i}.msgpack.zst": b"shard %d again" % i for i in range(6)}
+
+    # An error names the file, as os.link's would, and the caller can still discard the rest.
+    temps = store.stage_batch(items(tmp_path / "gone", 2))
+    os.rmdir(tmp_path / "gone" / "m" / "shards")  # unnamed files: the directory is empty
+    with pytest.raises(FileNotFoundError) as info:
+        store.publish_temps(temps)
+    assert str(tmp_path / "gone" / "m" / "shards" / "s0.msgpack.zst") in str(info.value)
+    Store.discard_temps(temps)
+    assert open_fds() == before
