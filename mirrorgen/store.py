@@ -35,7 +35,7 @@ import zstandard
 from .errors import LockedError, UnsafePath
 
 __all__ = ["Store", "Manifest", "Entry", "OpenTemp", "Temp", "STATE_DIR", "TEMP_PREFIX", "fsync_path",
-           "hash_file", "unnamed_temps", "close_written", "discard_temp"]
+           "hash_file", "unnamed_temps", "close_written", "discard_temp", "write_all"]
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
@@ -227,9 +227,7 @@ class Store:
                 parents.add(final.parent)
                 temps.append((tmp, final))
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, memoryview(data))
                 finally:
                     close_written(tmp, fd)
         except BaseException:
@@ -687,14 +685,14 @@ def write_direct(fd: int, buf: memoryview, n: int, offset: int, *, last: bool) -
     by a plain write, and the file is not direct any more."""
     padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN if last else n
     try:
-        _write_all(fd, buf[:padded])
+        write_all(fd, buf[:padded])
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
         done = os.lseek(fd, 0, os.SEEK_CUR) - offset  # what went in before the refusal
         if done < n:
-            _write_all(fd, buf[done:n])
+            write_all(fd, buf[done:n])
         elif done > n:
             os.ftruncate(fd, offset + n)
         return False
@@ -708,7 +706,8 @@ def is_direct(fd: int) -> bool:
     return bool(_O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """Every byte of ``view`` written to ``fd`` (a write may take fewer)."""
     while view:
         view = view[os.write(fd, view):]
 

@@ -185,8 +185,9 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, kept: list[Any],
-          result: RunResult) -> list[tuple[Any, str, Path]]:
-    """The files to fetch: every kept file the manifest cannot vouch for (active mode)."""
+          result: RunResult) -> list[tuple[Any, str, str]]:
+    """The files to fetch: every kept file the manifest cannot vouch for (active mode), as
+    (record, relpath, path on disk)."""
     todo: list[tuple[Any, str, str]] = []
     if mirror.mode != "active":
         return todo  # passive mirrors publish indexes only: no package file to check or fetch

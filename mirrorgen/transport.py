@@ -47,7 +47,7 @@ import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
 from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
-                    start_writeback, write_direct)
+                    start_writeback, write_all, write_direct)
 from .urls import is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
@@ -1193,8 +1193,7 @@ class _Sink:
     def write(self, data: memoryview) -> None:
         self.hasher.update(data)
         self.written += len(data)
-        while data:
-            data = data[os.write(self.fd, data):]
+        write_all(self.fd, data)
 
     def write_direct(self, buf: memoryview, n: int, *, last: bool) -> None:
         """The first ``n`` bytes of ``buf`` (page-aligned, ``n`` a multiple of DIRECT_ALIGN

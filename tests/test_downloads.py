@@ -311,7 +311,7 @@ async def test_a_filesystem_that_refuses_direct_writes_gets_plain_ones(
     if refuses_direct_writes(tmp_path):
         return
     refused: list[int] = []
-    real_write_all = store_module._write_all
+    real_write_all = store_module.write_all
 
     def write_all_refusing_direct(fd: int, view: memoryview) -> None:
         if is_direct(fd):
@@ -319,7 +319,7 @@ async def test_a_filesystem_that_refuses_direct_writes_gets_plain_ones(
             raise OSError(errno.EINVAL, "Invalid argument")
         real_write_all(fd, view)
 
-    monkeypatch.setattr(store_module, "_write_all", write_all_refusing_direct)
+    monkeypatch.setattr(store_module, "write_all", write_all_refusing_direct)
     final, verified = await fetch(f"{base}/plain/blob", tmp_path / "c", BLOB)
     assert final.read_bytes() == BLOB and verified.entry.size == len(BLOB) and not temps(tmp_path)
     assert len(refused) == 1  # the first write; the rest went in plain
