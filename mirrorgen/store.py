@@ -797,9 +797,6 @@ class Manifest:
             return False
         return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
 
-    def add(self, relpath: str, entry: Entry) -> None:
-        self.add_many([(relpath, entry)])
-
     def add_many(self, items: Iterable[tuple[str, Entry]]) -> None:
         """Record verified files (a group commit's worth): one journal write for all of them."""
         lines = []

@@ -11,9 +11,9 @@ fetched start to end by one of the threads: the body is received straight into
 one reused buffer, hashed and written from there, in calls that release the GIL, so the event loop
 never waits for a disk or a hash, and a byte is copied only from the socket and into the page
 cache; a large file (``_DIRECT_MIN``) not even there: it goes from the buffer to the disk
-(O_DIRECT, see mirrorgen.store). Small files go to one thread, which pipelines their requests (sends up to 32 ahead on its
-connection) instead of waiting a round trip for each; large ones to every thread (see
-:meth:`_Batch.take`). A verified file stays a temporary file (mostly an unnamed one, see
+(O_DIRECT, see mirrorgen.store). Small files go to one thread, which pipelines their requests
+(sends up to 32 ahead on its connection) instead of waiting a round trip for each; large ones
+to every thread (see :meth:`_Batch.take`). A verified file stays a temporary file (mostly an unnamed one, see
 :class:`mirrorgen.store.OpenTemp`) until :class:`GroupCommit` publishes it with a batch of others:
 one filesystem sync for the batch instead of two fsyncs per file.
 """
