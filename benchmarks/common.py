@@ -165,7 +165,8 @@ def _byte_compile(*checkouts: Path) -> None:
     this machine's environment has it), Python would otherwise compile every module again on
     every run, about 40 ms each time."""
     for checkout in checkouts:
-        packages = [str(checkout / name) for name in ("mirrorgen", "proxy", "benchmarks") if (checkout / name).is_dir()]
+        packages = [str(checkout / name) for name in ("mirrorgen", "proxy", "benchmarks")
+                    if (checkout / name).is_dir()]
         subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True,
                        stdout=subprocess.DEVNULL)
 
