@@ -33,9 +33,10 @@ import orjson
 import zstandard
 
 from .errors import LockedError, UnsafePath
+from .fdio import write_all
 
 __all__ = ["Store", "Manifest", "Entry", "OpenTemp", "Temp", "STATE_DIR", "TEMP_PREFIX", "fsync_path",
-           "hash_file", "unnamed_temps", "close_written", "discard_temp", "write_all"]
+           "hash_file", "unnamed_temps", "close_written", "discard_temp"]
 
 STATE_DIR: Final = ".mirrorgen"
 TEMP_PREFIX: Final = ".mirrorgen-tmp-"
@@ -245,8 +246,8 @@ class Store:
 
     def temp_prefix(self) -> str:
         """A new name prefix for temporary files made outside this object (by worker
-        processes), unique to this call: every file under it is the caller's, and
-        :meth:`stray_temp_files` finds any left behind."""
+        processes), unique to this call: every file under it is the caller's, and one left
+        behind starts with TEMP_PREFIX, as ``sync --clean`` looks for (sync.stray_files)."""
         return f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}w-"
 
     @staticmethod
@@ -282,11 +283,6 @@ class Store:
     def remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-    def stray_temp_files(self, mirror: str) -> Iterator[Path]:
-        base = self.mirror_dir(mirror)
-        if base.is_dir():
-            yield from base.rglob(f"{TEMP_PREFIX}*")
 
     # -- group commit (downloads) ----------------------------------------------------------------
 
@@ -704,12 +700,6 @@ def write_direct(fd: int, buf: memoryview, n: int, offset: int, *, last: bool) -
 def is_direct(fd: int) -> bool:
     """Whether ``fd`` was opened with O_DIRECT (the filesystem may have refused it)."""
     return bool(_O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
-
-
-def write_all(fd: int, view: memoryview) -> None:
-    """Every byte of ``view`` written to ``fd`` (a write may take fewer)."""
-    while view:
-        view = view[os.write(fd, view):]
 
 
 _SYNC_FILE_RANGE_WRITE: Final = 2

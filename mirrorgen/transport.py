@@ -46,8 +46,9 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
+from .fdio import write_all
 from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
-                    start_writeback, write_all, write_direct)
+                    start_writeback, write_direct)
 from .urls import is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]

@@ -24,6 +24,8 @@ from typing import IO, Final
 
 import msgpack
 
+from .fdio import write_all
+
 __all__ = ["WorkerPool", "JOBS"]
 
 _HEADER: Final = struct.Struct("<Q")
@@ -54,14 +56,8 @@ def _send(fd: int, message: object) -> None:
     a profiler) returns short, and CPython's BufferedWriter has been seen to drop the rest of the
     message and go on with the next one, which desynchronises the framing for good."""
     data = msgpack.packb(message, use_bin_type=True)
-    _write_all(fd, _HEADER.pack(len(data)))
-    _write_all(fd, data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, _HEADER.pack(len(data)))
+    write_all(fd, data)
 
 
 def _read_exact(stream: IO[bytes], size: int) -> bytearray | None:

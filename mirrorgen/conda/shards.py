@@ -25,6 +25,8 @@ import msgspec
 import orjson
 import zstandard
 
+from ..fdio import write_all
+
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "BINARY_DIGEST_FIELDS",
@@ -269,9 +271,7 @@ def write_shard_files(directory: str | bytes | os.PathLike[str], prefix: str, so
                 continue  # the same shard twice (same content, same name): written already
             made.append(name)
             try:
-                view = memoryview(shard)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, shard)
             finally:
                 os.close(fd)
     except BaseException:
