@@ -68,6 +68,10 @@ _MAX_REDIRECTS: Final = 10
 # requests ahead of the response it is reading; larger ones to every thread, _PIPELINE_LARGE
 # ahead. See _Batch.take.
 _SMALL_FILE: Final = 64 << 10
+# The first read of a larger file's response: its headers and a little of its body. A read of
+# CHUNK would bring up to 256 KB of body with them, which is then copied three times on its way
+# through ``conn.pending`` to the download buffer, where the rest of the body is received directly.
+_HEAD_READ: Final = 16 << 10
 _PIPELINE_SMALL: Final = 32
 _PIPELINE_LARGE: Final = 1
 # fetch_many hands outcomes to the loop in batches: every _POLL seconds, or _WAKE_AFTER at once.
@@ -580,14 +584,15 @@ class _Conn:
         self.sock.sendall(b"".join(requests))
         self.inflight.extend(requests)
 
-    def response(self, request: bytes, *, head: bool = False) -> _Response:
+    def response(self, request: bytes, *, head: bool = False, read: int = CHUNK) -> _Response:
         """The response to ``request``, which must be the oldest one in flight (``head``: a
-        HEAD request, whose response has no body whatever its headers say)."""
+        HEAD request, whose response has no body whatever its headers say; ``read``: how many
+        bytes to receive at most per read while its headers are incomplete)."""
         if not self.inflight or self.inflight[0] is not request:
             raise AssertionError("responses are read in the order their requests were sent")
         self.inflight.popleft()
         response = _Response(self)
-        response.begin(no_body=head)
+        response.begin(no_body=head, read=read)
         self.answered += 1
         return response
 
@@ -660,14 +665,14 @@ class _Response:
         except httptools.HttpParserError as exc:
             raise _BadResponse(f"bad response from upstream: {exc}") from None
 
-    def _recv(self) -> int:
-        """More bytes from the socket into ``conn.pending``: how many (0: closed)."""
+    def _recv(self, limit: int = CHUNK) -> int:
+        """Up to ``limit`` more bytes from the socket into ``conn.pending``: how many (0: closed)."""
         conn = self.conn
-        n = conn.sock.recv_into(conn.buf)
+        n = conn.sock.recv_into(conn.buf, limit)
         conn.pending += memoryview(conn.buf)[:n]
         return n
 
-    def begin(self, no_body: bool = False) -> None:
+    def begin(self, no_body: bool = False, read: int = CHUNK) -> None:
         pending = self.conn.pending
         start = 0
         while True:
@@ -677,7 +682,7 @@ class _Response:
             if len(pending) > _MAX_HEADER_BYTES:
                 raise _BadResponse(f"response headers longer than {_MAX_HEADER_BYTES} bytes")
             start = max(0, len(pending) - 3)
-            if not self._recv():
+            if not self._recv(read):
                 if pending:
                     raise _BadResponse("connection closed in the middle of the response headers")
                 raise _NoResponse("remote end closed connection without response")
@@ -795,6 +800,8 @@ class _Lane:
         self.serial: set[tuple[str, str, int]] = set()  # upstreams sent one request at a time
         # URL up to its last "/" -> (connection key, request bytes before the name, after it).
         self._bases: dict[str, tuple[tuple[str, str, int], bytes, bytes]] = {}
+        # URL -> its GET as _send_ahead encoded it, for _open to take instead of encoding again.
+        self._encoded: dict[str, tuple[tuple[str, str, int], bytes]] = {}
         self.first = False  # the thread that takes small files, in the batch it runs now
         self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
                                             asyncio.Future[Any]] | None] = queue.SimpleQueue()
@@ -851,6 +858,7 @@ class _Lane:
                     return
                 batch.deliver(request, outcome)
         finally:
+            self._encoded.clear()
             # Requests in flight are not wanted any more; their responses are not read.
             for key in [k for k, conn in self.conns.items() if conn.inflight]:
                 self._drop(key)
@@ -1004,7 +1012,8 @@ class _Lane:
         url = job.url
         for hop in range(_MAX_REDIRECTS + 1):
             if method == "GET":
-                key, data = self._encode(job.url, url)
+                encoded = self._encoded.pop(url, None) if not hop else None
+                key, data = encoded or self._encode(job.url, url)
             else:
                 key, target, headers = _prepare(job.url, url)
                 data = _encode_request(target, _host_header(key), headers, method)
@@ -1067,7 +1076,8 @@ class _Lane:
                     conn.send([data])
                 if pipeline and key not in self.serial:
                     self._send_ahead(job, key, conn)
-                resp = conn.response(data, head=head)
+                large = job.size is not None and job.size > _SMALL_FILE
+                resp = conn.response(data, head=head, read=_HEAD_READ if large else CHUNK)
                 if resp.will_close and conn.answered == 1 and conn.inflight and job.batch is not None:
                     # A new connection that closes after one response, with requests sent
                     # ahead on it: nothing is sent ahead to this upstream any more.
@@ -1105,6 +1115,7 @@ class _Lane:
                 break
             if rkey != key:
                 break
+            self._encoded[request.url] = (rkey, data)
             out.append(data)
         if out:
             conn.send(out)

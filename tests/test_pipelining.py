@@ -24,6 +24,10 @@ from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
 from mirrorgen.transport import FetchRequest, Staged, Transport, _header_end
 
 FILES = {f"/c/pkg-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (20 + i % 50) for i in range(120)}
+# Larger than a small file (mirrorgen.transport._SMALL_FILE): fetched by every thread, the first
+# read of each response limited to its headers' likely size.
+LARGE = {f"/c/big-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (3000 + 3000 * i)
+         for i in range(4)}
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Upstream:
     announce_close: bool = True   # ... saying so in the last response (Connection: close)
     no_keepalive: bool = False    # every response closes its connection
     chunked: bool = False
+    pad_headers: int = 0          # bytes of extra header sent with every response
     fail_once: set[str] = field(default_factory=set)   # paths answered 503 the first time
     cut_once: set[str] = field(default_factory=set)    # paths whose body is cut the first time
     connections: int = 0
@@ -86,7 +91,9 @@ async def upstream() -> AsyncIterator[Upstream]:
                 headers = ["HTTP/1.1 200 OK"]
                 if last and (up.announce_close or up.no_keepalive):
                     headers.append("Connection: close")
-                body = FILES.get(path)
+                if up.pad_headers:
+                    headers.append("X-Pad: " + "p" * up.pad_headers)
+                body = FILES.get(path, LARGE.get(path))
                 if body is None:
                     send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 elif path in up.fail_once:
@@ -124,18 +131,19 @@ async def upstream() -> AsyncIterator[Upstream]:
         server.close()
 
 
-async def fetch_all(up: Upstream, tmp_path: Path, *, retries: int = 0, concurrency: int = 4) -> dict[str, object]:
+async def fetch_all(up: Upstream, tmp_path: Path, *, retries: int = 0, concurrency: int = 4,
+                    files: dict[str, bytes] = FILES) -> dict[str, object]:
     store = Store(tmp_path / "root")
     requests = [FetchRequest(path, up.url + path, tmp_path / "root" / "m" / path.rsplit("/", 1)[1],
                              len(body), hashlib.sha256(body).hexdigest(), None)
-                for path, body in FILES.items()]
+                for path, body in files.items()]
     async with Transport(retries=retries, backoff=0.01, concurrency=concurrency) as transport:
         outcomes = {request.key: outcome async for request, outcome in transport.fetch_many(requests, store)}
-    assert set(outcomes) == set(FILES)
+    assert set(outcomes) == set(files)
     for path, outcome in outcomes.items():
         assert isinstance(outcome, Staged), f"{path}: {outcome}"
-        assert outcome.tmp is not None and outcome.tmp.read_bytes() == FILES[path], path
-        assert outcome.entry.sha256 == hashlib.sha256(FILES[path]).hexdigest()
+        assert outcome.tmp is not None and outcome.tmp.read_bytes() == files[path], path
+        assert outcome.entry.sha256 == hashlib.sha256(files[path]).hexdigest()
         outcome.discard()
     assert not list((tmp_path / "root").rglob(f"{TEMP_PREFIX}*")) and unnamed_temps() == 0
     return outcomes
@@ -180,6 +188,15 @@ async def test_a_503_and_a_cut_body_among_requests_sent_ahead_are_retried(upstre
     for path in (paths[10], paths[30], paths[50]):
         assert upstream.served.count(path) >= 2
     assert max(upstream.most_waiting) > 1
+
+
+@pytest.mark.parametrize("pad", [0, 40_000], ids=["short-headers", "headers-over-several-reads"])
+async def test_large_and_small_files_arrive_whole_whatever_the_length_of_their_headers(
+        upstream: Upstream, tmp_path: Path, pad: int) -> None:
+    upstream.pad_headers = pad
+    files = {**LARGE, **dict(list(FILES.items())[:40])}
+    await fetch_all(upstream, tmp_path, retries=0, files=files)
+    assert sorted(upstream.served) == sorted(files)
 
 
 @pytest.mark.parametrize("url", [
