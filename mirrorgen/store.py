@@ -251,6 +251,29 @@ class Store:
         return f"{TEMP_PREFIX}{_TEMP_RUN}{next(_TEMP_COUNTER):x}w-"
 
     @staticmethod
+    def temp_tag() -> str:
+        """This process's tag in the names of the temporary files it makes (after TEMP_PREFIX):
+        recorded when a run starts, so that the next run can remove what this one left if it
+        is killed (:meth:`discard_run_temps`)."""
+        return _TEMP_RUN
+
+    def discard_run_temps(self, mirror: str, tag: str) -> int:
+        """Remove the temporary files that the run whose :meth:`temp_tag` was ``tag`` left in the
+        mirror's tree and state directory (the run was killed: nothing else would). Files of
+        any other process (a proxy storing a download there) have another tag. How many."""
+        if not _TEMP_TAG_RE.fullmatch(tag):
+            return 0
+        prefix, removed = TEMP_PREFIX + tag, 0
+        for top in (self.mirror_dir(mirror), self.state_dir(mirror)):
+            for directory, _, files in os.walk(top):
+                for name in files:
+                    if name.startswith(prefix):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(directory, name))
+                            removed += 1
+        return removed
+
+    @staticmethod
     def discard_prefixed(directory: Path, prefix: str) -> None:
         """Remove every file in ``directory`` whose name starts with ``prefix``."""
         with contextlib.suppress(FileNotFoundError):
@@ -382,6 +405,7 @@ class Store:
 
 _LIBC: Any = None
 _TEMP_RUN: Final = secrets.token_hex(4)
+_TEMP_TAG_RE: Final = re.compile(r"[0-9a-f]{8}")
 _TEMP_COUNTER: Final = itertools.count()
 _FSYNC_FILES_MAX: Final = 4  # publish_temps: up to this many files, fsync each; more, sync the fs
 

@@ -83,8 +83,14 @@ async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry
         started = _now()
         status = store.read_state(mirror.name, "status.json") or {}
         if not dry_run:
-            store.write_state(mirror.name, "status.json", {**status, "state": "running",
-                                                           "last_start": started, "pid": os.getpid()})
+            if status.get("state") == "running" and isinstance(status.get("temp_tag"), str):
+                # The last run was killed (this one holds the lock): its temporary files are
+                # garbage, and nothing else would remove them (named ones: shards, index files,
+                # downloads where O_TMPFILE cannot be used).
+                store.discard_run_temps(mirror.name, status["temp_tag"])
+            store.write_state(mirror.name, "status.json", {
+                **status, "state": "running", "last_start": started, "pid": os.getpid(),
+                "temp_tag": store.temp_tag()})
         result = RunResult(mirror.name, dry_run=dry_run)
         try:
             await _run(mirror, store, channel, result, dry_run=dry_run, clean=clean,

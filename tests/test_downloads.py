@@ -94,10 +94,36 @@ async def test_a_run_killed_between_download_and_commit_publishes_and_records_no
 
     before = len(upstream.control.requests)
     result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
-    # The temporary files were not trusted: every file fetched again.
+    # The temporary files were not trusted: every file fetched again; and they are gone.
     assert (result.downloaded, result.reused, result.rehashed, result.failed) == (8, 0, 0, {})
     assert len(package_requests(upstream, before)) == 8
+    assert temps(mirror) == [] and temps(config.root / ".mirrorgen") == []
     assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
+
+
+@pytest.mark.parametrize("tag", ["deadbeef", "", "../x"], ids=["tag", "no-tag", "bad-tag"])
+async def test_the_run_after_a_killed_one_removes_the_temporary_files_it_left_and_no_others(
+        upstream, write_config, tag: str) -> None:
+    config = write_config(upstream.channel_url)
+    store = Store(config.root)
+    assert not (await sync_mirror(config, config.mirrors[0], store, progress=False)).failed
+    mirror, state = config.root / "conda-demo", config.root / ".mirrorgen" / "conda-demo"
+    # What a run tagged "deadbeef" leaves when killed: a download under a temporary name, a
+    # shard a worker wrote, a state file; and a file another process (a proxy) is writing.
+    theirs = [mirror / "linux-64" / f"{TEMP_PREFIX}deadbeef5-a-1.0-0.conda",
+              mirror / "linux-64" / "shards" / f"{TEMP_PREFIX}deadbeef3w-0a1b.msgpack.zst",
+              state / f"{TEMP_PREFIX}deadbeef1-manifest.json"]
+    other = mirror / "noarch" / f"{TEMP_PREFIX}0badcafe2-b-1.0-0.conda"
+    for path in (*theirs, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    status = orjson.loads((state / "status.json").read_bytes())
+    (state / "status.json").write_bytes(orjson.dumps({**status, "state": "running", "pid": 1, "temp_tag": tag}))
+
+    assert not (await sync_mirror(config, config.mirrors[0], store, progress=False)).failed
+    assert [p.exists() for p in theirs] == [tag != "deadbeef"] * len(theirs)
+    assert other.exists()  # another process's: not the killed run's to remove
+    assert orjson.loads((state / "status.json").read_bytes())["state"] == "completed"
 
 
 async def test_a_run_killed_after_the_renames_but_before_recording_rehashes_instead_of_fetching(
