@@ -15,7 +15,7 @@ import orjson
 
 from . import __version__
 from .config import Config, load_config
-from .errors import MirrorError, UsageError
+from .errors import MirrorError, UsageError, describe_os_error
 from .store import Store
 
 __all__ = ["main"]
@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MirrorError as exc:
         print(f"mirrorgen: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine's, not the user's: a full disk, a read-only tree, ...
+        print(f"mirrorgen: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mirrorgen: interrupted", file=sys.stderr)
         return 130

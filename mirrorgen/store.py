@@ -32,7 +32,7 @@ import msgspec
 import orjson
 import zstandard
 
-from .errors import LockedError, UnsafePath
+from .errors import LockedError, UnsafePath, naming
 from .fdio import write_all
 
 __all__ = ["Store", "Manifest", "Entry", "OpenTemp", "Temp", "STATE_DIR", "TEMP_PREFIX", "fsync_path",
@@ -179,9 +179,9 @@ class Store:
                 else:
                     for chunk in data:
                         fh.write(chunk)
-        except BaseException:
+        except BaseException as exc:
             self.discard_temps([(tmp, final)])
-            raise
+            raise naming(exc, final)
         return tmp, final
 
     def stage_with_zst(self, final: Path, chunks: Iterable[bytes], size: int, *,
@@ -211,9 +211,9 @@ class Store:
                             written += len(chunk)
                         if written != size:
                             raise RuntimeError(f"{final.name}: rendered {written} bytes, announced {size}")
-        except BaseException:
+        except BaseException as exc:
             self.discard_temps(temps)
-            raise
+            raise naming(exc, temps[-1][1] if temps else final)
         return temps
 
     def stage_batch(self, items: Iterable[tuple[Path, bytes]]) -> list[tuple[Temp, Path]]:
@@ -231,9 +231,9 @@ class Store:
                     write_all(fd, memoryview(data))
                 finally:
                     close_written(tmp, fd)
-        except BaseException:
+        except BaseException as exc:
             self.discard_temps(temps)
-            raise
+            raise naming(exc, temps[-1][1] if temps else "(a staged file)")
         return temps
 
     def publish_staged(self, temps: Sequence[tuple[Temp, Path]]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, MirrorConfig
-from .errors import ConfigError, MirrorError, UnsafePath, UsageError
+from .errors import ConfigError, MirrorError, UnsafePath, UsageError, describe_os_error
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
@@ -99,10 +99,12 @@ async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry
             if not dry_run:
                 _status(store, mirror, "stopped", started, result, "interrupted")
             raise
-        except MirrorError as exc:
-            result.state, result.error = "failed", str(exc)
+        except (MirrorError, OSError) as exc:
+            why = str(exc) if isinstance(exc, MirrorError) else describe_os_error(exc)
+            result.state, result.error = "failed", why
             if not dry_run:
-                _status(store, mirror, "failed", started, result, str(exc))
+                with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
+                    _status(store, mirror, "failed", started, result, why)
             raise
         finally:
             gc.unfreeze()  # the run's records are garbage now; let the collector see all again

@@ -45,7 +45,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httptools
 
-from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError
+from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError, naming
 from .fdio import write_all
 from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
                     start_writeback, write_direct)
@@ -1002,9 +1002,9 @@ class _Lane:
             if filled:
                 sink.write_direct(buf, filled, last=True)
             return sink.finish(job.url, got)
-        except BaseException:
+        except BaseException as exc:
             sink.abort()
-            raise
+            raise naming(exc, sink.final)
 
     def _open(self, job: _Job, method: str = "GET") -> tuple[tuple[str, str, int], _Response]:
         """GET ``job.url`` (or HEAD it), following redirects; the response to read, and its

@@ -295,3 +295,32 @@ async def test_report_shows_each_filter_and_writes_the_dependency_report(upstrea
     code, _, _ = await cli("report", "-c", str(config.path), "--dependencies", str(tmp_path / "deps.json"))
     deps = json.loads((tmp_path / "deps.json").read_text())["conda-demo"]
     assert deps["needs"]["demo-cli"] == ["demo-lib"] and sorted(deps["added"]) == ["demo-base", "demo-lib"]
+
+
+async def test_a_run_the_disk_refuses_exits_1_with_one_line_and_keeps_the_last_good_index(
+        upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    assert not (await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)).failed
+    mirror = config.root / "conda-demo"
+    before = {p: p.read_bytes() for p in mirror.rglob("*") if p.is_file()}
+    biggest = max(len(data) for path, data in before.items() if "repodata" in path.name)
+
+    def small_files_only() -> None:
+        # What a full disk does to the index files: their writes fail (EFBIG here, ENOSPC there).
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (biggest // 2, biggest // 2))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(config.path), "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=small_files_only)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1, err.decode()
+    assert len(lines) == 1 and lines[0].startswith("mirrorgen: error: File too large: "), lines
+    named = Path(lines[0].split(": ", 3)[3])  # the file it could not write
+    assert named.is_relative_to(config.root) and named.parent.is_dir()
+    assert {p: p.read_bytes() for p in mirror.rglob("*") if p.is_file()} == before
+    status = orjson.loads((config.root / ".mirrorgen" / "conda-demo" / "status.json").read_bytes())
+    assert status["state"] == "failed" and status["error"].startswith("File too large")
