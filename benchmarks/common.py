@@ -34,8 +34,7 @@ class Measured:
     returncode: int
     stdout: str = ""
     stderr: str = ""
-    user: float = 0.0    # CPU seconds of the process and the children it waited for
-    sys: float = 0.0     # system (kernel) CPU seconds, likewise
+    sys: float = 0.0     # kernel CPU seconds of the process and the children it waited for
 
 
 # Linux carries a process's RSS high-water mark across exec (and a fork/vfork child starts with its
@@ -71,7 +70,7 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
         rss_kib = max(rss_kib, sampler.peak_kib)
         result = Measured(wall, rss_kib * 1024, proc.returncode,
                           out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                          usage.ru_utime, usage.ru_stime)
+                          usage.ru_stime)
     if check and result.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result

@@ -8,6 +8,8 @@ them is ever shown as a traceback.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "MirrorError",
     "ConfigError",
@@ -27,8 +29,6 @@ def naming(exc: BaseException, path: object) -> BaseException:
     """``exc``, or if it is an OSError that names no file (a failed write: a full disk), the
     same error naming ``path``, so that its one-line message says where."""
     if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-        import os
-
         return OSError(exc.errno, exc.strerror, os.fspath(path))  # type: ignore[arg-type]
     return exc
 
@@ -36,8 +36,6 @@ def naming(exc: BaseException, path: object) -> BaseException:
 def describe_os_error(exc: OSError) -> str:
     """An error of the machine's, not the user's (a full disk, a read-only tree) in one line:
     ``[Errno 28] No space left on device: '/x'`` reads ``No space left on device: /x``."""
-    import os
-
     what = exc.strerror or str(exc) or type(exc).__name__
     names = [os.fsdecode(n) for n in (exc.filename, exc.filename2) if n is not None]
     return f"{what}: {' -> '.join(names)}" if names else what

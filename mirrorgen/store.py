@@ -233,7 +233,7 @@ class Store:
                     close_written(tmp, fd)
         except BaseException as exc:
             self.discard_temps(temps)
-            raise naming(exc, temps[-1][1] if temps else "(a staged file)")
+            raise naming(exc, temps[-1][1]) if temps else exc
         return temps
 
     def publish_staged(self, temps: Sequence[tuple[Temp, Path]]) -> None:
@@ -257,21 +257,19 @@ class Store:
         is killed (:meth:`discard_run_temps`)."""
         return _TEMP_RUN
 
-    def discard_run_temps(self, mirror: str, tag: str) -> int:
+    def discard_run_temps(self, mirror: str, tag: str) -> None:
         """Remove the temporary files that the run whose :meth:`temp_tag` was ``tag`` left in the
         mirror's tree and state directory (the run was killed: nothing else would). Files of
-        any other process (a proxy storing a download there) have another tag. How many."""
+        any other process (a proxy storing a download there) have another tag."""
         if not _TEMP_TAG_RE.fullmatch(tag):
-            return 0
-        prefix, removed = TEMP_PREFIX + tag, 0
+            return
+        prefix = TEMP_PREFIX + tag
         for top in (self.mirror_dir(mirror), self.state_dir(mirror)):
             for directory, _, files in os.walk(top):
                 for name in files:
                     if name.startswith(prefix):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(os.path.join(directory, name))
-                            removed += 1
-        return removed
 
     @staticmethod
     def discard_prefixed(directory: Path, prefix: str) -> None:

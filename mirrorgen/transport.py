@@ -13,9 +13,9 @@ never waits for a disk or a hash, and a byte is copied only from the socket and 
 cache; a large file (``_DIRECT_MIN``) not even there: it goes from the buffer to the disk
 (O_DIRECT, see mirrorgen.store). Small files go to one thread, which pipelines their requests
 (sends up to 32 ahead on its connection) instead of waiting a round trip for each; large ones
-to every thread (see :meth:`_Batch.take`). A verified file stays a temporary file (mostly an unnamed one, see
-:class:`mirrorgen.store.OpenTemp`) until :class:`GroupCommit` publishes it with a batch of others:
-one filesystem sync for the batch instead of two fsyncs per file.
+to every thread (see :meth:`_Batch.take`). A verified file stays a temporary file (mostly an
+unnamed one, see :class:`mirrorgen.store.OpenTemp`) until :class:`GroupCommit` publishes it with
+a batch of others: one filesystem sync for the batch instead of two fsyncs per file.
 """
 
 from __future__ import annotations
@@ -304,9 +304,8 @@ def _copy_local(url: str, path: Path, final: Path | str, store: Store, size: int
             if size is not None and got != size:
                 raise SizeMismatch(redact(url), size, got)
             return sink.finish(url, got)
-        except BaseException:
-            sink.abort()
-            raise
+        except BaseException as exc:
+            raise sink.abort(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1003,8 +1002,7 @@ class _Lane:
                 sink.write_direct(buf, filled, last=True)
             return sink.finish(job.url, got)
         except BaseException as exc:
-            sink.abort()
-            raise naming(exc, sink.final)
+            raise sink.abort(exc)
 
     def _open(self, job: _Job, method: str = "GET") -> tuple[tuple[str, str, int], _Response]:
         """GET ``job.url`` (or HEAD it), following redirects; the response to read, and its
@@ -1182,7 +1180,8 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class _Sink:
     """One download's temporary file and hashes (used from one thread)."""
 
-    def __init__(self, store: Store, final: Path | str, hasher: _Hasher, dirs: set[str] | None = None) -> None:
+    def __init__(self, store: Store, final: Path | str, hasher: _Hasher,
+                 dirs: set[str] | None = None) -> None:
         self.store, self.final, self.hasher, self.dirs = store, final, hasher, dirs
         self.tmp: Temp | None = None
         self.fd = -1
@@ -1232,7 +1231,9 @@ class _Sink:
         self.tmp = None  # the caller owns it now
         return staged
 
-    def abort(self) -> None:
+    def abort(self, exc: BaseException) -> BaseException:
+        """Remove the temporary file after ``exc``; what to raise: ``exc``, naming the file if
+        it was a write that failed (a full disk)."""
         if self.fd >= 0 and self.tmp is not None:
             with contextlib.suppress(OSError):
                 close_written(self.tmp, self.fd)
@@ -1240,6 +1241,7 @@ class _Sink:
         with contextlib.suppress(OSError):
             discard_temp(self.tmp)
         self.tmp = None
+        return naming(exc, self.final)
 
 
 class _Hasher:

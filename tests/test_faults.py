@@ -324,3 +324,30 @@ async def test_a_run_the_disk_refuses_exits_1_with_one_line_and_keeps_the_last_g
     assert {p: p.read_bytes() for p in mirror.rglob("*") if p.is_file()} == before
     status = orjson.loads((config.root / ".mirrorgen" / "conda-demo" / "status.json").read_bytes())
     assert status["state"] == "failed" and status["error"].startswith("File too large")
+
+
+async def test_a_download_the_disk_refuses_fails_the_run_with_one_line_naming_its_file(
+        upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    sizes = {p.name: p.stat().st_size for p in (upstream.root / "demo").rglob("*")
+             if p.name.endswith((".conda", ".tar.bz2"))}
+    limit = max(sizes.values()) - 1  # the largest package cannot be written whole
+    assert limit > 512  # status.json still can
+
+    def no_large_files() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(config.path), "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=no_large_files)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1, err.decode()
+    assert len(lines) == 1 and lines[0].startswith("mirrorgen: error: File too large: "), lines
+    named = Path(lines[0].split(": ", 3)[3])  # the package it was writing
+    assert named.is_relative_to(config.root / "conda-demo") and sizes.get(named.name, 0) > limit
+    assert not named.exists()  # nothing partial under its name
+    assert not (config.root / "conda-demo" / "linux-64" / "repodata.json").exists()
