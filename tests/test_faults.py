@@ -297,6 +297,23 @@ async def test_report_shows_each_filter_and_writes_the_dependency_report(upstrea
     assert deps["needs"]["demo-cli"] == ["demo-lib"] and sorted(deps["added"]) == ["demo-base", "demo-lib"]
 
 
+async def sync_with_file_size_limit(config, limit: int) -> tuple[int, list[str]]:  # type: ignore[no-untyped-def]
+    """``mirrorgen sync`` in a subprocess that cannot write a file past ``limit`` bytes (EFBIG,
+    standing in for a full disk's ENOSPC): its exit code and stderr lines."""
+    def limited() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(config.path), "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=limited)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode().splitlines()
+
+
 async def test_a_run_the_disk_refuses_exits_1_with_one_line_and_keeps_the_last_good_index(
         upstream, write_config) -> None:
     config = write_config(upstream.channel_url)
@@ -304,20 +321,9 @@ async def test_a_run_the_disk_refuses_exits_1_with_one_line_and_keeps_the_last_g
     mirror = config.root / "conda-demo"
     before = {p: p.read_bytes() for p in mirror.rglob("*") if p.is_file()}
     biggest = max(len(data) for path, data in before.items() if "repodata" in path.name)
-
-    def small_files_only() -> None:
-        # What a full disk does to the index files: their writes fail (EFBIG here, ENOSPC there).
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (biggest // 2, biggest // 2))
-
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(config.path), "--quiet",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=small_files_only)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    lines = err.decode().splitlines()
-    assert proc.returncode == 1, err.decode()
+    # What a full disk does to the index files: their writes fail.
+    code, lines = await sync_with_file_size_limit(config, biggest // 2)
+    assert code == 1, lines
     assert len(lines) == 1 and lines[0].startswith("mirrorgen: error: File too large: "), lines
     named = Path(lines[0].split(": ", 3)[3])  # the file it could not write
     assert named.is_relative_to(config.root) and named.parent.is_dir()
@@ -333,19 +339,8 @@ async def test_a_download_the_disk_refuses_fails_the_run_with_one_line_naming_it
              if p.name.endswith((".conda", ".tar.bz2"))}
     limit = max(sizes.values()) - 1  # the largest package cannot be written whole
     assert limit > 512  # status.json still can
-
-    def no_large_files() -> None:
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mirrorgen.cli", "sync", "-c", str(config.path), "--quiet",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=no_large_files)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    lines = err.decode().splitlines()
-    assert proc.returncode == 1, err.decode()
+    code, lines = await sync_with_file_size_limit(config, limit)
+    assert code == 1, lines
     assert len(lines) == 1 and lines[0].startswith("mirrorgen: error: File too large: "), lines
     named = Path(lines[0].split(": ", 3)[3])  # the package it was writing
     assert named.is_relative_to(config.root / "conda-demo") and sizes.get(named.name, 0) > limit
