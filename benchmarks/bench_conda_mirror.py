@@ -2,7 +2,8 @@
 
 Both tools mirror the same synthetic channel (benchmarks/synth.py, ``files=True``), served by one
 real nginx on loopback, into a fresh directory each run: every package file downloaded, checked
-and written, plus the index. Goal: mirrorgen >= 1000x faster than conda-mirror.
+and written, plus the index. The upstream files are read right before each timed run, whoever is
+timed, so nginx serves them from the page cache (see common.warm). Goal: mirrorgen >= 1000x faster than conda-mirror.
 
 - conda-mirror 0.10.0 runs from its own venv (``WORK/conda-mirror-venv``, created with pip the
   first time), exactly as a user would run it, with its defaults (serial validation)::
@@ -44,7 +45,7 @@ import sys
 from pathlib import Path
 
 from . import common
-from .common import REPO, Measured, Mirrorgen, Table, fresh, mib, measure, serve, write_config
+from .common import REPO, Measured, Mirrorgen, Table, fresh, mib, measure, serve, warm, write_config
 
 CONDA_MIRROR_PIN = "conda-mirror==0.10.*"
 SUBDIR = "linux-64"
@@ -129,11 +130,12 @@ print("\\n".join(set(doc.get("packages") or {}) | set(doc.get("packages.conda") 
 
 # -- runs ------------------------------------------------------------------------------------------
 
-def _conda_mirror(exe: Path, url: str, work: Path, expected: list[str]) -> tuple[Measured, int]:
+def _conda_mirror(exe: Path, url: str, upstream: Path, work: Path, expected: list[str]) -> tuple[Measured, int]:
     target, temp = work / "conda-mirror-target", work / "conda-mirror-tmp"
     for d in (target, temp):
         fresh(d)
     temp.mkdir(parents=True)
+    warm(upstream)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     m = measure([str(exe), "--upstream-channel", url, "--platform", SUBDIR,
                  "--target-directory", str(target), "--temp-directory", str(temp), "--no-progress"],
@@ -144,7 +146,7 @@ def _conda_mirror(exe: Path, url: str, work: Path, expected: list[str]) -> tuple
     return m, _check("conda-mirror", target / SUBDIR, expected)
 
 
-def _curl(url: str, work: Path, expected: list[str], repeat: int) -> tuple[Measured, int]:
+def _curl(url: str, upstream: Path, work: Path, expected: list[str], repeat: int) -> tuple[Measured, int]:
     """curl fetching the same files with mirrorgen's default concurrency: no checks, no index."""
     from .bench_download import _curl_config, default_concurrency
 
@@ -156,6 +158,7 @@ def _curl(url: str, work: Path, expected: list[str], repeat: int) -> tuple[Measu
     best: Measured | None = None
     for _ in range(max(1, repeat)):
         fresh(out)
+        warm(upstream)
         m = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs", "--parallel",
                      "--parallel-max", str(default_concurrency()), "--config", str(cfg)])
         best = m if best is None or m.wall < best.wall else best
@@ -163,13 +166,14 @@ def _curl(url: str, work: Path, expected: list[str], repeat: int) -> tuple[Measu
     return best, len(list((out / SUBDIR).iterdir()))
 
 
-def _mirrorgen(build: Mirrorgen, url: str, work: Path, expected: list[str],
+def _mirrorgen(build: Mirrorgen, url: str, upstream: Path, work: Path, expected: list[str],
                repeat: int, mode: str = "active") -> tuple[Measured, int]:
     best: Measured | None = None
     files = 0
     for _ in range(max(1, repeat)):
         root = work / "mirrorgen-root"
         fresh(root)
+        warm(upstream)
         cfg = write_config(work / "conda-mirror-bench.yaml", root, {NAME: {
             "type": "conda", "mode": mode, "source": url, "subdirs": [SUBDIR]}})
         m = build.run("sync", "-c", str(cfg), "--quiet")
@@ -203,21 +207,22 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int,
         url = {n: f"{base}/{chans[n][0].name}" for n in counts}
         # conda-mirror treats the last path segment of the URL as the channel name and the rest
         # as the base, so the channel must sit below the server root (hence files-N/).
-        cm, cm_files = _conda_mirror(exe, url[cm_count], work, chans[cm_count][1])
+        cm, cm_files = _conda_mirror(exe, url[cm_count], chans[cm_count][0], work, chans[cm_count][1])
         table.add(run=label(f"conda-mirror {version}", cm_count), wall_s=cm.wall, rss_mib=mib(cm.rss),
                   speedup=1.0, files=cm_files)
         for build in builds:
             for n in counts:
-                m, files = _mirrorgen(build, url[n], work, chans[n][1], repeat)
+                m, files = _mirrorgen(build, url[n], chans[n][0], work, chans[n][1], repeat)
                 table.add(run=label(f"mirrorgen {build.label}", n), wall_s=m.wall, rss_mib=mib(m.rss),
                           speedup=cm.wall / m.wall if n == cm_count else "-", files=files)
         # Context, not the same job: what bounds any active mirror (fetching the files, nothing
         # checked or indexed), and mirrorgen's index work alone (passive mode, no downloads).
-        c, files = _curl(url[cm_count], work, chans[cm_count][1], repeat)
+        c, files = _curl(url[cm_count], chans[cm_count][0], work, chans[cm_count][1], repeat)
         table.add(run=label("context: curl --parallel, downloads only", cm_count), wall_s=c.wall,
                   rss_mib=mib(c.rss), speedup=cm.wall / c.wall, files=files)
         for build in builds:
-            m, _ = _mirrorgen(build, url[cm_count], work, chans[cm_count][1], repeat, mode="passive")
+            m, _ = _mirrorgen(build, url[cm_count], chans[cm_count][0], work, chans[cm_count][1], repeat,
+                              mode="passive")
             table.add(run=label(f"context: mirrorgen {build.label}, passive (index only)", cm_count),
                       wall_s=m.wall, rss_mib=mib(m.rss), speedup=cm.wall / m.wall, files=0)
     floor = _harness_rss()

@@ -11,8 +11,8 @@ small files, a few large ones carrying most of the bytes), served by a real ngin
   size and sha256 against the index before publishing it; the run must download every file with
   none failed.
 
-Both write under ``work`` (the same filesystem); the upstream files are read once beforehand so
-the page cache holds them for both, and dirty pages of the previous run are flushed (``sync``)
+Both write under ``work`` (the same filesystem); the upstream files are read right before each
+timed run so the page cache holds them for both (see common.warm), and dirty pages of the previous run are flushed (``sync``)
 before each timed run. Throughput is the channel's package bytes over the run's wall time.
 ``sys_s`` is each run's kernel CPU time: curl's goes mostly to allocating page-cache pages, which
 on a virtual machine that hands freed memory back to its host (free page reporting) costs from
@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from . import synth
-from .common import Measured, Mirrorgen, Table, fresh, measure, mib, serve_nginx, write_config
+from .common import Measured, Mirrorgen, Table, fresh, measure, mib, serve_nginx, warm, write_config
 
 SUBDIRS = ("linux-64", "noarch")
 
@@ -64,14 +64,6 @@ def packages(up: Path) -> dict[str, int]:
         for key in ("packages", "packages.conda"):
             out.update({f"{subdir}/{fn}": rec["size"] for fn, rec in (doc.get(key) or {}).items()})
     return out
-
-
-def _warm(up: Path, relpaths: list[str]) -> None:
-    """Read every upstream file once, so nginx serves all of them from the page cache."""
-    for relpath in relpaths:
-        with open(up / relpath, "rb") as fh:
-            while fh.read(1 << 20):
-                pass
 
 
 def _curl_config(path: Path, base: str, out: Path, relpaths: list[str]) -> Path:
@@ -117,7 +109,6 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
     table = Table(f"4. active download: {len(want):,} files, {total / 1e6:,.0f} MB "
                   f"(log-uniform {lo >> 10} KiB-{hi >> 20} MiB), loopback nginx, "
                   f"concurrency {n}, vs curl {curl_version} --parallel")
-    _warm(up, relpaths)
 
     curl_out, curl_best, sync_best = work / "curl-out", None, None
     best: dict[str, tuple[Measured, dict[str, Any]]] = {}
@@ -125,6 +116,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
         cfg = _curl_config(work / "curl-urls.txt", server.base_url, curl_out, relpaths)
         for _ in range(max(1, repeat)):
             fresh(curl_out)
+            warm(up)
             c = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs",
                          "--parallel", "--parallel-max", str(n), "--config", str(cfg)])
             s = measure(["sync"])
@@ -139,6 +131,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
             for build in builds:
                 root = work / "mirror-download"
                 fresh(root)
+                warm(up)
                 mcfg = write_config(work / "download.yaml", root, {"bench": {
                     "type": "conda", "mode": "active", "source": server.base_url,
                     "subdirs": list(SUBDIRS)}})

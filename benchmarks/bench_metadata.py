@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from . import synth
-from .common import Mirrorgen, Table, best_of, fresh, mib, write_config
+from .common import Mirrorgen, Table, best_of, fresh, mib, warm, write_config
 
 LICENSES = ["-gpl3", "-agpl"]
 
@@ -58,7 +58,7 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int) -> Ta
     floor_out = work / "floor-out"
     floor = best_of(repeat, [sys.executable, "-m", "benchmarks.naive",
                              str(up / "linux-64" / "repodata.json"), str(floor_out), *LICENSES],
-                    cwd=Path(__file__).resolve().parents[1])
+                    cwd=Path(__file__).resolve().parents[1], warming=up / "linux-64")
     expected = _keys(floor_out / "repodata.json")
     table.add(run="naive floor", wall_s=floor.wall, rss_mib=mib(floor.rss), wall_x=1.0, rss_x=1.0,
               records=len(expected))
@@ -77,6 +77,7 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int) -> Ta
                     build.run("sync", "-c", str(_config(work / "cold.yaml", root, up)), "--quiet")
                     os.sync()
                     cfg = _config(work / "update.yaml", root, up_next)
+                warm((up if phase == "cold" else up_next) / "linux-64")
                 m = build.run("sync", "-c", str(cfg), "--quiet")
                 best = m if best is None or m.wall < best.wall else best
                 got = _keys(root / "bench" / "linux-64" / "repodata.json")

@@ -109,9 +109,14 @@ def _tree_rss_kib(pid: int) -> int:
     return total
 
 
-def best_of(runs: int, cmd: Sequence[str], **kwargs: Any) -> Measured:
-    """The fastest of ``runs`` runs (the least disturbed by the rest of the machine)."""
-    results = [measure(cmd, **kwargs) for _ in range(max(1, runs))]
+def best_of(runs: int, cmd: Sequence[str], *, warming: Path | None = None, **kwargs: Any) -> Measured:
+    """The fastest of ``runs`` runs (the least disturbed by the rest of the machine); ``warming``:
+    a tree to :func:`warm` before each."""
+    results = []
+    for _ in range(max(1, runs)):
+        if warming is not None:
+            warm(warming)
+        results.append(measure(cmd, **kwargs))
     return min(results, key=lambda m: m.wall)
 
 
@@ -198,6 +203,20 @@ def fresh(path: Path) -> None:
             _TRASH.append(trash)
         os.rename(path, trash / f"{path.name}-{time.time_ns()}")
     os.sync()
+
+
+def warm(top: Path) -> None:
+    """Read every file under ``top`` (an upstream tree) once, right before a timed run, so that
+    nginx serves all of it from the page cache whoever is timed. This machine runs DAMON with a
+    "pageout" scheme (``/sys/kernel/mm/damon/admin/kdamonds/0``: memory not touched for about 60
+    s is reclaimed, page cache included), so files read a minute earlier may be back on disk:
+    nginx, one worker, then waits for a disk read in the middle of the run (seen: 1,364
+    read-ahead requests from nginx in one mirrorgen run of benchmark 2)."""
+    for directory, _, files in os.walk(top):
+        for name in files:
+            with open(os.path.join(directory, name), "rb", buffering=0) as fh:
+                while fh.read(1 << 20):
+                    pass
 
 
 # How long ext4 treats a deleted inode as recently deleted (RECENTCY_MIN, fs/ext4/ialloc.c), and a bit.
