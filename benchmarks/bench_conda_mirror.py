@@ -3,7 +3,8 @@
 Both tools mirror the same synthetic channel (benchmarks/synth.py, ``files=True``), served by one
 real nginx on loopback, into a fresh directory each run: every package file downloaded, checked
 and written, plus the index. The upstream files are read right before each timed run, whoever is
-timed, so nginx serves them from the page cache (see common.warm). Goal: mirrorgen >= 1000x faster than conda-mirror.
+timed, so nginx serves them from the page cache (see common.warm). Goal: mirrorgen >= 1000x
+faster than conda-mirror.
 
 - conda-mirror 0.10.0 runs from its own venv (``WORK/conda-mirror-venv``, created with pip the
   first time), exactly as a user would run it, with its defaults (serial validation)::
