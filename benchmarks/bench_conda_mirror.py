@@ -131,7 +131,8 @@ print("\\n".join(set(doc.get("packages") or {}) | set(doc.get("packages.conda") 
 
 # -- runs ------------------------------------------------------------------------------------------
 
-def _conda_mirror(exe: Path, url: str, upstream: Path, work: Path, expected: list[str]) -> tuple[Measured, int]:
+def _conda_mirror(exe: Path, url: str, upstream: Path, work: Path,
+                  expected: list[str]) -> tuple[Measured, int]:
     target, temp = work / "conda-mirror-target", work / "conda-mirror-tmp"
     for d in (target, temp):
         fresh(d)
