@@ -63,6 +63,9 @@ BUFFER: Final = 1 << 20
 _DIRECT_MIN: Final = 256 << 10
 _RETRY_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS: Final = frozenset({301, 302, 303, 307, 308})
+# Answers that mean "not there" (Transport.get, and Transport.exists's HEAD probes).
+_ABSENT: Final = frozenset({404, 410})
+_ABSENT_ON_HEAD: Final = _ABSENT | {401, 403}
 _MAX_REDIRECTS: Final = 10
 # Files up to this size go to the first download thread, which sends up to _PIPELINE_SMALL
 # requests ahead of the response it is reading; larger ones to every thread, _PIPELINE_LARGE
@@ -150,18 +153,21 @@ class Transport:
             except OSError as exc:
                 raise UpstreamError(redact(url), str(exc)) from None
         status, body = await self._request(url, "GET", limit)
-        return None if status in (404, 410) else body
+        return None if status in _ABSENT else body
 
     async def exists(self, url: str) -> bool:
-        """Whether upstream has ``url`` (a HEAD answered 200, redirects followed); never raises."""
-        try:
-            status, _ = await self._request(url, "HEAD", 0)
-        except MirrorError:
-            return False
+        """Whether upstream has ``url``: a HEAD answered 200 (redirects followed). 404 and 410
+        say it has not, and so do 401 and 403 (S3 answers 403 for a key that is not there to
+        whoever may not list the bucket). Any other answer, or none after the retries, raises
+        UpstreamError: "could not tell" taken for "not there" would drop what upstream has (a
+        whole subdir from discovery, and with ``--clean`` its files)."""
+        status, _ = await self._request(url, "HEAD", 0, absent=_ABSENT_ON_HEAD)
         return status == 200
 
-    async def _request(self, url: str, method: str, limit: int) -> tuple[int, bytes]:
-        """One request on a download thread, with retries: 200 and its body, or 404/410."""
+    async def _request(self, url: str, method: str, limit: int,
+                       absent: frozenset[int] = _ABSENT) -> tuple[int, bytes]:
+        """One request on a download thread, with retries: 200 and its body, or a status of
+        ``absent`` (the file is not there); any other answer raises UpstreamError."""
         last = "no attempt"
         async for _ in self._attempts(url):
             lane = await self._lane()
@@ -179,7 +185,7 @@ class Transport:
             if status in _RETRY_STATUS:
                 last = f"HTTP {status}"
                 continue
-            if status not in (200, 404, 410):
+            if status != 200 and status not in absent:
                 raise UpstreamError(redact(url), f"HTTP {status}")
             return status, body
         raise UpstreamError(redact(url), f"{last} (after {self.retries + 1} attempts)")

@@ -53,8 +53,12 @@ async def upstream(demo_channel_template: Path, tmp_path: Path, aiohttp_server: 
 def write_config(tmp_path: Path) -> Callable[..., Config]:
     def write(source: str, *, name: str = "conda-demo", mode: str = "active",
               subdirs: list[str] | None = None, filters: dict | None = None, **extra: object) -> Config:
+        """``subdirs``: None for linux-64 and noarch, [] for none named (every subdir upstream has)."""
         mirror = {"name": name, "type": "conda", "mode": mode, "source": source,
-                  "subdirs": subdirs or ["linux-64", "noarch"], "concurrency": 4, **extra}
+                  "subdirs": ["linux-64", "noarch"] if subdirs is None else subdirs, "concurrency": 4,
+                  **extra}
+        if not mirror["subdirs"]:
+            del mirror["subdirs"]
         if filters:
             mirror["filters"] = filters
         path = tmp_path / "mirrorgen.yaml"

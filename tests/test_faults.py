@@ -346,3 +346,34 @@ async def test_a_download_the_disk_refuses_fails_the_run_with_one_line_naming_it
     assert named.is_relative_to(config.root / "conda-demo") and sizes.get(named.name, 0) > limit
     assert not named.exists()  # nothing partial under its name
     assert not (config.root / "conda-demo" / "linux-64" / "repodata.json").exists()
+
+
+async def test_subdirs_are_discovered_when_none_are_named(upstream, write_config) -> None:
+    # No channeldata.json upstream: each known subdir is probed (HEAD of its repodata.json). A
+    # 404, and a 403 as S3 gives for a key that is not there, mean it is not there.
+    upstream.control.missing_status = 403
+    config = write_config(upstream.channel_url, subdirs=[], retries=1)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {}
+    assert sorted(p.name for p in (config.root / "conda-demo").iterdir() if p.is_dir()) == ["linux-64", "noarch"]
+    assert upstream.control.count("demo/osx-arm64/repodata.json", "HEAD") == 1
+
+
+async def test_a_subdir_probe_upstream_cannot_answer_fails_the_run_and_loses_nothing(
+        upstream, write_config) -> None:
+    # Discovery that cannot tell whether upstream has a subdir must not take it for absent: the
+    # run would publish a channel without it, and --clean would delete its files.
+    config = write_config(upstream.channel_url, subdirs=[], retries=1)
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 0, err
+    packages = sorted((config.root / "conda-demo" / "linux-64").glob("*.conda"))
+    assert packages
+    before = (config.root / "conda-demo" / "linux-64" / "repodata.json").read_bytes()
+
+    upstream.control.fail_first = {"demo/linux-64/repodata.json": 10}
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet", "--clean")
+    assert code == 1, err
+    assert "linux-64/repodata.json" in err and "HTTP 500" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert (config.root / "conda-demo" / "linux-64" / "repodata.json").read_bytes() == before
+    assert all(p.exists() for p in packages)

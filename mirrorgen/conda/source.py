@@ -96,7 +96,13 @@ class CondaSource:
                     if d.name in KNOWN_SUBDIRS and any((d / v).exists() for v, _ in _VARIANTS))))
                 continue
             probes = sorted(KNOWN_SUBDIRS - {"noarch"})
-            heads = await asyncio.gather(*(self._exists(join_url(source, s, "repodata.json")) for s in probes))
+            # Every probe runs to its end (each bounded by its retries) before the first error,
+            # if any, ends the run: none is left behind, still asking upstream.
+            heads = await asyncio.gather(*(self._exists(join_url(source, s, "repodata.json")) for s in probes),
+                                         return_exceptions=True)
+            for answer in heads:
+                if isinstance(answer, BaseException):
+                    raise answer
             found.update(dict.fromkeys(s for s, ok in zip(probes, heads) if ok))
         return tuple(found)
 

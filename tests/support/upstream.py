@@ -53,6 +53,8 @@ class UpstreamControl:
     peers: list[object] = field(default_factory=list)
     # seconds to sleep before every response (to exercise timeouts/concurrency)
     delay: float = 0.0
+    # the answer for a path that does not exist: 404, or 403 as S3 gives without list permission
+    missing_status: int = 404
 
     def count(self, path: str, method: str = "GET") -> int:
         """How many ``method`` requests reached ``path`` (relative, no token)."""
@@ -110,7 +112,7 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise web.HTTPForbidden(text="outside root\n") from None
     if not target.is_file():
-        raise web.HTTPNotFound()
+        raise web.HTTPForbidden() if control.missing_status == 403 else web.HTTPNotFound()
 
     body = target.read_bytes()
     if rel in control.corrupt:
