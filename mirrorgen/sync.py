@@ -258,8 +258,8 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
             close = getattr(rendering.new, "close", None)
             if close is not None:
                 close()
-            for shards in mirror_dir.glob("*/shards"):
-                store.discard_prefixed(shards, prefix)
+            for directory in rendering.temp_dirs:
+                store.discard_prefixed(directory, prefix)
             raise
 
     staged: list[tuple[Any, list[tuple[Path, Path]]]] = []

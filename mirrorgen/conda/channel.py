@@ -53,10 +53,14 @@ class Rendering:
     Publication order: every file of ``new`` (content-addressed shards, not on disk yet) is
     durable first; then ``files``, in their order. Making them need not follow that order:
     ``new`` can be pulled on another thread while ``files`` are written here, except those marked
-    ``after_new``, whose content is known once ``new`` is exhausted."""
+    ``after_new``, whose content is known once ``new`` is exhausted.
+
+    ``temp_dirs``: where ``new`` writes its temporary files (render's ``temp_prefix``), for the
+    caller to sweep if publication fails after some were written but before they were yielded."""
 
     new: Iterator[IndexFile]
     files: Iterator[IndexFile]
+    temp_dirs: tuple[Path, ...] = ()
 
 
 # Part of every fingerprint: change it when the writer's output changes for the same input.
@@ -210,7 +214,9 @@ class CondaChannel:
                                 render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
                                                    self.index.channeldata))
 
-        return Rendering(new(), files())
+        temp_dirs = (tuple(mirror_dir / s / SHARDS_DIR for s in subdirs if plans[s].misses)
+                     if mirror_dir is not None and temp_prefix is not None else ())
+        return Rendering(new(), files(), temp_dirs)
 
     def state(self, mirror_dir: Path | None = None) -> dict[str, Any]:
         """What the next run's :meth:`render` wants to know: the shard cache (name -> content key,
