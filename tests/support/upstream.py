@@ -112,7 +112,7 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise web.HTTPForbidden(text="outside root\n") from None
     if not target.is_file():
-        raise web.HTTPForbidden() if control.missing_status == 403 else web.HTTPNotFound()
+        return web.Response(status=control.missing_status)
 
     body = target.read_bytes()
     if rel in control.corrupt:
