@@ -228,7 +228,7 @@ class Store:
                 parents.add(final.parent)
                 temps.append((tmp, final))
                 try:
-                    write_all(fd, memoryview(data))
+                    write_all(fd, data)
                 finally:
                     close_written(tmp, fd)
         except BaseException as exc:

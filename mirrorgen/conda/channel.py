@@ -183,13 +183,18 @@ class CondaChannel:
             known = self._fingerprints = fingerprints()
         unchanged = {s for s, f in known.items() if _still_published(mirror_dir, s, f, published.get(s))}
 
+        # Where new shards are written as they are encoded (with temp_prefix): the subdirs that
+        # have any.
+        temp_dirs = ({s: mirror_dir / s / SHARDS_DIR for s in subdirs if plans[s].misses}
+                     if mirror_dir is not None and temp_prefix is not None else None)
+
         def new() -> Iterator[IndexFile]:
             # Yielded as the encoder makes them: each is written while the next is encoded.
             for subdir in subdirs:
-                if mirror_dir is not None and temp_prefix is not None:
-                    if not plans[subdir].misses:
+                if temp_dirs is not None:
+                    directory = temp_dirs.get(subdir)
+                    if directory is None:
                         continue
-                    directory = mirror_dir / subdir / SHARDS_DIR
                     directory.mkdir(parents=True, exist_ok=True)
                     for relpath, tmp in plans[subdir].write(directory, temp_prefix):
                         yield IndexFile(f"{subdir}/{relpath}", None, immutable=True, staged=tmp)
@@ -214,9 +219,7 @@ class CondaChannel:
                                 render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
                                                    self.index.channeldata))
 
-        temp_dirs = (tuple(mirror_dir / s / SHARDS_DIR for s in subdirs if plans[s].misses)
-                     if mirror_dir is not None and temp_prefix is not None else ())
-        return Rendering(new(), files(), temp_dirs)
+        return Rendering(new(), files(), tuple(temp_dirs.values()) if temp_dirs else ())
 
     def state(self, mirror_dir: Path | None = None) -> dict[str, Any]:
         """What the next run's :meth:`render` wants to know: the shard cache (name -> content key,
