@@ -675,7 +675,7 @@ def _sync_filesystem(path: Path | str) -> None:
 #
 # Direct writes must start at an aligned address, offset and length: the download buffer is an
 # anonymous mapping (page-aligned), every write but a file's last is the whole buffer, and the
-# last is padded to DIRECT_ALIGN and the file then truncated to its size. A filesystem that
+# last block of a file, if partial, is written through the page cache. A filesystem that
 # refuses O_DIRECT (EINVAL: tmpfs on older kernels, some FUSE) gets buffered writes, remembered
 # per directory.
 
@@ -698,24 +698,27 @@ def _open_direct_or_not(path: Path | str, flags: int, extra: int, parent: str) -
 def write_direct(fd: int, buf: memoryview, n: int, offset: int, *, last: bool) -> bool:
     """The first ``n`` bytes of ``buf`` written at ``offset``, the end of ``fd`` (a file opened
     with ``direct`` by :meth:`Store.open_temp`). ``buf`` is page-aligned and ``n`` a multiple of
-    DIRECT_ALIGN, unless ``last``: the file's final bytes, written padded to DIRECT_ALIGN, the
-    padding then cut off. False if the filesystem refused the direct write: the bytes went in
-    by a plain write, and the file is not direct any more."""
-    padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN if last else n
+    DIRECT_ALIGN, unless ``last``: the file's final bytes, whose whole blocks go direct and the
+    rest (under a block) through the page cache, where the group commit's sync finds it. False if
+    the filesystem refused the direct write: the bytes went in by a plain write, and the file is
+    not direct any more.
+
+    (The tail used to be written padded to a whole block and the file truncated after it. The
+    truncate then zeroed the rest of that block, which only the disk held: a read from the disk,
+    waited for, per file.)"""
+    whole = n - n % DIRECT_ALIGN if last else n
     try:
-        write_all(fd, buf[:padded])
+        write_all(fd, buf[:whole])
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
         done = os.lseek(fd, 0, os.SEEK_CUR) - offset  # what went in before the refusal
-        if done < n:
-            write_all(fd, buf[done:n])
-        elif done > n:
-            os.ftruncate(fd, offset + n)
+        write_all(fd, buf[done:n])
         return False
-    if padded != n:
-        os.ftruncate(fd, offset + n)
+    if whole != n:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        write_all(fd, buf[whole:n])
     return True
 
 

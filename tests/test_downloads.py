@@ -285,7 +285,7 @@ def refuses_direct_writes(directory: Path) -> bool:
 
 @pytest.mark.parametrize("size", [70_000, 256 << 10, (256 << 10) + 1, BUFFER, BUFFER + 4095, 2 * BUFFER,
                                   len(BLOB)])
-async def test_a_large_download_goes_to_disk_direct_and_its_padding_is_cut_off(
+async def test_a_large_download_goes_to_disk_direct_but_its_last_partial_block_through_the_cache(
         odd_upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     if refuses_direct_writes(tmp_path):
         pytest.skip(f"{tmp_path}: this filesystem takes no O_DIRECT writes")
@@ -304,8 +304,9 @@ async def test_a_large_download_goes_to_disk_direct_and_its_padding_is_cut_off(
     if size < 256 << 10:
         assert writes == []  # small: through the page cache, a write per packet
         return
-    # A whole buffer at a time, each at the end of what was written, the last one padded (and
-    # the padding cut off, above) unless the size is a whole number of buffers.
+    # A whole buffer at a time, each at the end of what was written; the last one, unless the size
+    # is a whole number of buffers, marked last: its whole blocks direct, the rest through the page
+    # cache (the file read back whole, above).
     assert [(n, offset) for n, offset, _, _ in writes] == [
         (min(BUFFER, size - offset), offset) for offset in range(0, size, BUFFER)]
     assert [last for _, _, last, _ in writes] == [False] * (len(writes) - 1) + [size % BUFFER != 0]
