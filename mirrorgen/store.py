@@ -457,7 +457,7 @@ class OpenTemp:
     def read_bytes(self) -> bytes:
         """What was written (tests, and callers that check a staged file)."""
         if is_direct(self.fd):  # a direct read would need aligned buffers: read through the cache
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            drop_direct(self.fd)
         out, offset = bytearray(), 0
         while chunk := os.pread(self.fd, 1 << 20, offset):
             out += chunk
@@ -712,14 +712,19 @@ def write_direct(fd: int, buf: memoryview, n: int, offset: int, *, last: bool) -
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        drop_direct(fd)
         done = os.lseek(fd, 0, os.SEEK_CUR) - offset  # what went in before the refusal
         write_all(fd, buf[done:n])
         return False
     if whole != n:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        drop_direct(fd)
         write_all(fd, buf[whole:n])
     return True
+
+
+def drop_direct(fd: int) -> None:
+    """Writes and reads on ``fd`` go through the page cache from now on."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
 def is_direct(fd: int) -> bool:
