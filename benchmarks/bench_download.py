@@ -13,7 +13,8 @@ small files, a few large ones carrying most of the bytes), served by a real ngin
 
 Both write under ``work`` (the same filesystem); the upstream files are read right before each
 timed run so the page cache holds them for both (see common.warm), and dirty pages of the
-previous run are flushed (``sync``) before each timed run. Throughput is the channel's package bytes over the run's wall time.
+previous run are flushed (``sync``) before each timed run. Throughput is the channel's package
+bytes over the run's wall time.
 ``sys_s`` is each run's kernel CPU time: curl's goes mostly to allocating page-cache pages, which
 on a virtual machine that hands freed memory back to its host (free page reporting) costs from
 0.3 s to 3 s per gigabyte from one run to the next; mirrorgen's direct writes skip the page cache.

@@ -297,9 +297,14 @@ async def test_a_large_download_goes_to_disk_direct_but_its_last_partial_block_t
         return store_module.write_direct(fd, buf, n, offset, last=last)
 
     monkeypatch.setattr(transport_module, "write_direct", write_direct)
+    truncated: list[int] = []  # a truncate inside a direct-written block reads it back from disk
+    real_ftruncate = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate",
+                        lambda fd, length: (truncated.append(length), real_ftruncate(fd, length)))
     data = sized(size)
     final, verified = await fetch(f"{base}/sized/{size}", tmp_path, data)
     assert final.read_bytes() == data and final.stat().st_size == size == verified.entry.size
+    assert truncated == []
     assert verified.entry.sha256 == sha(data) and not temps(tmp_path)
     if size < 256 << 10:
         assert writes == []  # small: through the page cache, a write per packet
