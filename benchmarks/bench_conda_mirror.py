@@ -19,6 +19,12 @@ faster than conda-mirror.
   and publishes every file, then writes repodata.json, .zst and CEP-16 shards (noarch is always
   added; upstream has none, so it is empty).
 
+For context, beside curl: floors (``benchmarks/floors.py``), each one part of the job done as
+simply as Python can, on the same files: ``receive`` (fetched and sha256-checked, nothing written),
+``write`` (the files written and synced, no network), and ``fetch`` (both: a mirror with no index,
+no atomic names and no record of what it holds). Each runs with 1 thread and with mirrorgen's
+concurrency where that can differ, and the faster is kept.
+
 The channel has a single subdir, linux-64 (conda-mirror mirrors one platform per invocation), with
 both .conda (~80%) and .tar.bz2 files: conda-mirror 0.10 reads ``packages.conda`` too. The package
 files are stand-ins, not archives. That is enough for conda-mirror: its ``_validate`` compares the
@@ -45,7 +51,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import common
+from . import common, floors
+from .bench_download import default_concurrency
 from .common import REPO, Measured, Mirrorgen, Table, fresh, mib, measure, serve, warm, write_config
 
 CONDA_MIRROR_PIN = "conda-mirror==0.10.*"
@@ -150,7 +157,7 @@ def _conda_mirror(exe: Path, url: str, upstream: Path, work: Path,
 
 def _curl(url: str, upstream: Path, work: Path, expected: list[str], repeat: int) -> tuple[Measured, int]:
     """curl fetching the same files with mirrorgen's default concurrency: no checks, no index."""
-    from .bench_download import _curl_config, default_concurrency
+    from .bench_download import _curl_config
 
     curl = shutil.which("curl")
     if curl is None:
@@ -227,6 +234,18 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int,
                               mode="passive")
             table.add(run=label(f"context: mirrorgen {build.label}, passive (index only)", cm_count),
                       wall_s=m.wall, rss_mib=mib(m.rss), speedup=cm.wall / m.wall, files=0)
+        up = chans[cm_count][0]
+        listed = work / "floor-files.json"
+        files = len(floors.listing(up, [SUBDIR], listed))
+        threads = sorted({1, default_concurrency()})
+        for what, counts, about in (
+                ("receive", threads[-1:], "receive + sha256 only, nothing written"),
+                ("write", threads, "write + sync only, no network"),
+                ("fetch", threads, "receive + sha256 + write + sync, no index")):
+            m, n = floors.best_floor(what, listed, counts, repeat, upstream=up, base_url=url[cm_count],
+                                     root=None if what == "receive" else work / "floor-root")
+            table.add(run=label(f"floor: {about} ({n} thread{'s' * (n > 1)})", cm_count), wall_s=m.wall,
+                      rss_mib=mib(m.rss), speedup=cm.wall / m.wall, files=files)
     floor = _harness_rss()
     if not getattr(common, "_GNU_TIME", None) and any(row["rss_mib"] <= mib(floor) for row in table.rows):
         table.title += (f". NOTE: the harness's own peak RSS ({mib(floor):.0f} MiB) is a floor on every "

@@ -10,6 +10,10 @@ small files, a few large ones carrying most of the bytes), served by a real ngin
 - mirrorgen: ``mirrorgen sync`` of an active mirror into an empty root, which checks every file's
   size and sha256 against the index before publishing it; the run must download every file with
   none failed.
+- Floors, for context (``benchmarks/floors.py``): each part of mirrorgen's job alone, done as
+  simply as Python can. ``receive``: the files fetched from the same nginx and sha256-checked,
+  nothing written. ``write``: the same bytes written as mirrorgen writes them and synced, no
+  network. mirrorgen does both (and the index), on the same two cores.
 
 Both write under ``work`` (the same filesystem); the upstream files are read right before each
 timed run so the page cache holds them for both (see common.warm), and dirty pages of the
@@ -32,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from . import synth
+from . import floors, synth
 from .common import Measured, Mirrorgen, Table, fresh, measure, mib, serve_nginx, warm, write_config
 
 SUBDIRS = ("linux-64", "noarch")
@@ -148,6 +152,11 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
                 if build.label not in best or m.wall < best[build.label][0].wall:
                     best[build.label] = (m, res)
         fresh(curl_out)
+        listed = work / "floor-files.json"
+        floors.listing(up, SUBDIRS, listed)
+        receive = floors.best_floor("receive", listed, [n], repeat, upstream=up, base_url=server.base_url)
+    writes = floors.best_floor("write", listed, sorted({1, n}), repeat, upstream=up,
+                               root=work / "floor-write")
 
     assert curl_best is not None and sync_best is not None
     base_mbs = total / 1e6 / curl_best.wall
@@ -159,6 +168,11 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
               sys_s=sync_best[0].sys + sync_best[1].sys, mb_s=total / 1e6 / cs_wall,
               x_curl=total / 1e6 / cs_wall / base_mbs, rss_mib=mib(sync_best[0].rss), files=len(want),
               verified=0)
+    for (m, threads), what, verified in ((receive, "receive + sha256 only, nothing written", len(want)),
+                                         (writes, "durable writes only, no network", 0)):
+        table.add(run=f"floor: {what} ({threads} thread{'s' * (threads > 1)})", wall_s=m.wall,
+                  sys_s=m.sys, mb_s=total / 1e6 / m.wall, x_curl=total / 1e6 / m.wall / base_mbs,
+                  rss_mib=mib(m.rss), files=len(want), verified=verified)
     for build in builds:
         m, res = best[build.label]
         mbs = total / 1e6 / m.wall

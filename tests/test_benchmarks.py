@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import bench_metadata, synth
-from benchmarks.common import Mirrorgen, REPO
+from benchmarks import bench_metadata, floors, synth
+from benchmarks.common import Mirrorgen, REPO, serve_nginx
 
 
 def test_synthetic_records_are_distinct_deterministic_and_a_prefix_of_larger_runs() -> None:
@@ -35,3 +35,28 @@ def test_benchmark_1_runs_and_both_sides_keep_the_same_records(tmp_path: Path) -
     assert rows["naive floor"]["records"] == rows["mirrorgen now, cold"]["records"] > 0
     assert rows["mirrorgen now, update"]["records"] > rows["mirrorgen now, cold"]["records"]
     assert all(row["wall_s"] > 0 and row["rss_mib"] > 0 for row in table.rows)
+
+
+def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
+    """The floors are figures the README compares mirrorgen against, so they must do the work
+    they claim: a file whose bytes are not upstream's sha256 fails ``receive`` and ``fetch``, and
+    what ``write`` and ``fetch`` leave is every file at its size (``fetch``: its very bytes)."""
+    up = tmp_path / "up"
+    synth.generate_conda(up, 40, files=True, size_range=(1, 600 << 10))
+    listed = tmp_path / "files.json"
+    files = floors.listing(up, ["linux-64", "noarch"], listed)
+    assert len(files) == 40 and any(size >= 256 << 10 for _, size, _ in files)
+    with serve_nginx(up, tmp_path / "nginx") as server:
+        assert floors.main(["receive", server.base_url, str(listed), "3"]) == 0
+        assert floors.main(["fetch", f"{server.base_url},{tmp_path / 'fetched'}", str(listed), "2"]) == 0
+        assert floors.main(["write", str(tmp_path / "written"), str(listed), "2"]) == 0
+        for relpath, size, _ in files:
+            assert (tmp_path / "fetched" / relpath).read_bytes() == (up / relpath).read_bytes()
+            assert (tmp_path / "written" / relpath).stat().st_size == size
+
+        victim = up / files[7][0]
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 1  # same size, other bytes
+        victim.write_bytes(data)
+        assert floors.main(["receive", server.base_url, str(listed), "3"]) == 1
+        assert floors.main(["fetch", f"{server.base_url},{tmp_path / 'again'}", str(listed), "1"]) == 1
