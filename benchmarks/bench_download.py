@@ -63,12 +63,7 @@ def upstream(work: Path, files: int, size_range: tuple[int, int]) -> Path:
 
 def packages(up: Path) -> dict[str, int]:
     """``subdir/fn`` -> size of every package file upstream lists."""
-    out: dict[str, int] = {}
-    for subdir in SUBDIRS:
-        doc = orjson.loads((up / subdir / "repodata.json").read_bytes())
-        for key in ("packages", "packages.conda"):
-            out.update({f"{subdir}/{fn}": rec["size"] for fn, rec in (doc.get(key) or {}).items()})
-    return out
+    return {relpath: size for relpath, size, _ in floors.channel_files(up, SUBDIRS)}
 
 
 def _curl_config(path: Path, base: str, out: Path, relpaths: list[str]) -> Path:

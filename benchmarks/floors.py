@@ -60,16 +60,21 @@ File = tuple[str, int, str]           # relpath, size, sha256
 Take = Callable[[], "File | None"]    # the next file to handle, or None: all taken
 
 
-def listing(upstream: Path, subdirs: list[str] | tuple[str, ...], out: Path) -> list[File]:
-    """Every package file the channel at ``upstream`` lists in ``subdirs``, as ``[relpath, size,
-    sha256]``, also written to ``out`` (the LIST file for :func:`main`)."""
+def channel_files(upstream: Path, subdirs: Sequence[str]) -> list[File]:
+    """Every package file the channel at ``upstream`` lists in ``subdirs``, as ``(relpath, size,
+    sha256)``, sorted."""
     files = []
     for subdir in subdirs:
         doc = orjson.loads((upstream / subdir / "repodata.json").read_bytes())
         for key in ("packages", "packages.conda"):
             for fn, record in (doc.get(key) or {}).items():
                 files.append((f"{subdir}/{fn}", record["size"], record["sha256"]))
-    files.sort()
+    return sorted(files)
+
+
+def listing(upstream: Path, subdirs: Sequence[str], out: Path) -> list[File]:
+    """:func:`channel_files`, also written to ``out``: the LIST file for :func:`main`."""
+    files = channel_files(upstream, subdirs)
     out.write_bytes(orjson.dumps(files))
     return files
 
