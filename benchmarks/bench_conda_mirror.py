@@ -52,7 +52,7 @@ import sys
 from pathlib import Path
 
 from . import common, floors
-from .bench_download import default_concurrency
+from .bench_download import _curl_config, default_concurrency
 from .common import REPO, Measured, Mirrorgen, Table, fresh, mib, measure, serve, warm, write_config
 
 CONDA_MIRROR_PIN = "conda-mirror==0.10.*"
@@ -157,8 +157,6 @@ def _conda_mirror(exe: Path, url: str, upstream: Path, work: Path,
 
 def _curl(url: str, upstream: Path, work: Path, expected: list[str], repeat: int) -> tuple[Measured, int]:
     """curl fetching the same files with mirrorgen's default concurrency: no checks, no index."""
-    from .bench_download import _curl_config
-
     curl = shutil.which("curl")
     if curl is None:
         raise SystemExit("curl not found")

@@ -54,7 +54,9 @@ BLOCK: Final = 4096
 _LENGTH: Final = re.compile(rb"(?i)\r\ncontent-length:[ \t]*(\d+)")
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
 _NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-_DIRECT_MIN: Final = 256 << 10  # as mirrorgen.transport's: smaller downloads are written buffered
+# As mirrorgen.transport's: smaller downloads are written buffered. The floors import nothing of
+# mirrorgen (its store's write_direct included), so a floor's child starts as a bare interpreter.
+_DIRECT_MIN: Final = 256 << 10
 
 File = tuple[str, int, str]           # relpath, size, sha256
 Take = Callable[[], "File | None"]    # the next file to handle, or None: all taken
@@ -101,6 +103,7 @@ def best_floor(what: str, listed: Path, threads: Sequence[int], repeat: int, *, 
             warm(upstream)
             if root is not None:
                 fresh(root)
+            assert (root is None) == (what == "receive"), "receive writes nothing; the others need a root"
             where = {"receive": base_url, "write": str(root), "fetch": f"{base_url},{root}"}[what]
             m = measure_floor(what, where, listed, n)
             if best is None or m.wall < best[0].wall:
