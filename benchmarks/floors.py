@@ -14,7 +14,7 @@ doing a single part of the job with nothing else in the way, show what is left f
   the page cache; then the filesystem synced. A mirror without an index, atomic names or a
   record of what it holds: used for benchmark 2's small files, where per-file costs rule.
 - ``write``: ``threads`` threads write the listed sizes (bytes from memory, no network) into new
-  files the way mirrorgen writes its downloads (a file of 256 KiB or more in whole 4 KiB blocks
+  files the way mirrorgen writes its downloads (a file of 16 KiB or more in whole 4 KiB blocks
   with O_DIRECT from a page-aligned buffer and its last partial block through the page cache, a
   smaller one through the page cache), then sync the filesystem: the time the disk takes to hold
   these bytes durably.
@@ -56,7 +56,7 @@ _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
 _NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 # As mirrorgen.transport's: smaller downloads are written buffered. The floors import nothing of
 # mirrorgen (its store's write_direct included), so a floor's child starts as a bare interpreter.
-_DIRECT_MIN: Final = 256 << 10
+_DIRECT_MIN: Final = 16 << 10
 
 File = tuple[str, int, str]           # relpath, size, sha256
 Take = Callable[[], "File | None"]    # the next file to handle, or None: all taken

@@ -186,6 +186,7 @@ async def test_a_file_failing_verification_leaves_the_rest_of_its_batch_committe
 
 # -- the download threads against a hand-made upstream ---------------------------------------
 
+DIRECT_MIN = transport_module._DIRECT_MIN  # the threshold under test
 BLOB = os.urandom(3 * (1 << 20) + 12345)   # larger than a thread's buffer: several reads
 SMALL = os.urandom(70_000)
 
@@ -283,8 +284,8 @@ def refuses_direct_writes(directory: Path) -> bool:
     return False
 
 
-@pytest.mark.parametrize("size", [70_000, 256 << 10, (256 << 10) + 1, BUFFER, BUFFER + 4095, 2 * BUFFER,
-                                  len(BLOB)])
+@pytest.mark.parametrize("size", [10_000, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, 70_000, BUFFER,
+                                  BUFFER + 4095, 2 * BUFFER, len(BLOB)])
 async def test_a_large_download_goes_to_disk_direct_but_its_last_partial_block_through_the_cache(
         odd_upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     if refuses_direct_writes(tmp_path):
@@ -306,7 +307,7 @@ async def test_a_large_download_goes_to_disk_direct_but_its_last_partial_block_t
     assert final.read_bytes() == data and final.stat().st_size == size == verified.entry.size
     assert truncated == []
     assert verified.entry.sha256 == sha(data) and not temps(tmp_path)
-    if size < 256 << 10:
+    if size < DIRECT_MIN:
         assert writes == []  # small: through the page cache, a write per packet
         return
     # A whole buffer at a time, each at the end of what was written; the last one, unless the size
