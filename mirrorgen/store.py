@@ -663,11 +663,12 @@ def _sync_filesystem(path: Path | str) -> None:
     os.sync()
 
 
-# -- direct writes (large downloads) ---------------------------------------------------------------
+# -- direct writes (downloads of 16 KiB or more) ---------------------------------------------------
 #
-# A large download is written with O_DIRECT: from the download thread's buffer to the disk, not
-# copied into the page cache first. The run must make every file durable before publishing it
-# anyway, so the page cache only held the bytes until the group commit's sync wrote them; and on
+# A download of at least mirrorgen.transport's _DIRECT_MIN (16 KiB) is written with O_DIRECT:
+# from the download thread's buffer to the disk, not copied into the page cache first. The run
+# must make every file durable before publishing it anyway, so the page cache only held the
+# bytes until the group commit's sync wrote them; and on
 # a virtual machine, filling a gigabyte of new page-cache pages cost up to 3 s of system time
 # (the host backs each new page on first touch), where direct writes took 0.04 s of CPU and
 # 0.65 s of wall time for the same gigabyte, already on disk (measured on the benchmark machine;
@@ -743,7 +744,9 @@ def start_writeback(fd: int, size: int) -> None:
     the group commit's sync still does that). Left alone, the kernel starts writing dirty pages
     back only past dirty_background_ratio (10% of memory): a gigabyte of downloads sat dirty
     until the commit's sync, which then waited for all of it at once, with the network idle.
-    Files under 256 KiB are left to the sync. Where the call is missing, nothing happens."""
+    Files under 256 KiB are left to the sync. Only files written through the page cache need
+    this: downloads where the filesystem refuses O_DIRECT, or whose size the index does not give
+    (a direct download is on disk already). Where the call is missing, nothing happens."""
     global _sync_file_range
     if size < _WRITEBACK_MIN:
         return
