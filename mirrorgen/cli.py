@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     mirrors = config.select(args.mirror)
     store = Store(config.root)
-    return globals()[f"_cmd_{args.command}"](args, config, mirrors, store)
+    command: Callable[..., int] = globals()[f"_cmd_{args.command}"]
+    return command(args, config, mirrors, store)
 
 
 def _cmd_sync(args: argparse.Namespace, config: Config, mirrors: Any, store: Store) -> int:

@@ -19,8 +19,10 @@ from .yamlnodes import LocatedDict, LocatedList, load_yaml
 
 __all__ = ["Config", "MirrorConfig", "Filters", "load_config", "parse_config", "MIRROR_TYPES"]
 
-MIRROR_TYPES: Final = ("conda", "pypi", "cran")
-MODES: Final = ("active", "passive")
+MirrorType = Literal["conda", "pypi", "cran"]
+Mode = Literal["active", "passive"]
+MIRROR_TYPES: Final[tuple[MirrorType, ...]] = ("conda", "pypi", "cran")
+MODES: Final[tuple[Mode, ...]] = ("active", "passive")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Keys a mirror entry accepts. The compatibility keys map onto these (see _COMPAT_*).
@@ -63,8 +65,8 @@ class Filters:
 @dataclass(frozen=True, slots=True)
 class MirrorConfig:
     name: str
-    type: Literal["conda", "pypi", "cran"]
-    mode: Literal["active", "passive"]
+    type: MirrorType
+    mode: Mode
     sources: tuple[str, ...]
     subdirs: tuple[str, ...] | None  # None: every subdir upstream has
     filters: Filters
@@ -423,11 +425,11 @@ def _filters(e: _Entry, mtype: str) -> Filters:
             src = data if k == "licenses" else top
             raise ConfigError(f"unknown license family {family!r} (one of {', '.join(LICENSE_FAMILIES)})",
                               file=e.file, line=src.line_of(k), key=_join(fprefix if src is data else e.prefix, k))
-    for value in python_versions:
-        if not re.match(r"^\d+(\.\d+){0,2}$", value):
+    for version in python_versions:
+        if not re.match(r"^\d+(\.\d+){0,2}$", version):
             k = "python_versions"
             src = data if k in data else top
-            raise ConfigError(f"{value!r} is not a python version like 3.11", file=e.file,
+            raise ConfigError(f"{version!r} is not a python version like 3.11", file=e.file,
                               line=src.line_of(k), key=_join(fprefix if src is data else e.prefix, k))
 
     latest = _latest(e, data, fprefix)

@@ -25,11 +25,11 @@ __all__ = [
 ]
 
 
-def naming(exc: BaseException, path: object) -> BaseException:
+def naming(exc: BaseException, path: str | os.PathLike[str]) -> BaseException:
     """``exc``, or if it is an OSError that names no file (a failed write: a full disk), the
     same error naming ``path``, so that its one-line message says where."""
     if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-        return OSError(exc.errno, exc.strerror, os.fspath(path))  # type: ignore[arg-type]
+        return OSError(exc.errno, exc.strerror, os.fspath(path))
     return exc
 
 

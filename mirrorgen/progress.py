@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress, TaskID
 
 __all__ = ["Progress"]
 
@@ -19,8 +22,8 @@ class Progress:
         self.tty = enabled and self.stream.isatty()
         self.files_total = self.files_done = 0
         self.bytes_total = self.bytes_done = 0
-        self._bar = None
-        self._task = None
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
         self._last_log = 0.0
         self._start = time.monotonic()
 
@@ -44,7 +47,7 @@ class Progress:
     def advance(self, nbytes: int, files: int = 1) -> None:
         self.files_done += files
         self.bytes_done += nbytes
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, advance=nbytes,
                              files=f"{self.files_done}/{self.files_total} files")
         elif self.enabled and time.monotonic() - self._last_log > _LOG_EVERY:

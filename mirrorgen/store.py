@@ -26,7 +26,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Literal, overload
 
 import msgspec
 import orjson
@@ -140,14 +140,14 @@ class Store:
 
         return self.publish_groups(groups())
 
-    def publish_groups(self, groups: Iterable[list[tuple[Temp | None, Path]]]) -> int:
+    def publish_groups(self, groups: Iterable[Sequence[tuple[Temp | None, Path]]]) -> int:
         """Groups of staged files, each published by one :meth:`publish_temps` on a second
         thread while the next group is drawn: how many were published. If this raises, the
         groups published stay so and the rest are removed; a group being drawn when ``groups``
         raises is that iterator's to remove."""
         written = 0
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mirrorgen-commit") as pool:
-            commits: list[tuple[concurrent.futures.Future[None], list[tuple[Temp | None, Path]]]] = []
+            commits: list[tuple[concurrent.futures.Future[None], Sequence[tuple[Temp | None, Path]]]] = []
             try:
                 for temps in groups:
                     commits.append((pool.submit(self.publish_temps, temps), temps))
@@ -306,6 +306,13 @@ class Store:
             path.unlink()
 
     # -- group commit (downloads) ----------------------------------------------------------------
+
+    @overload
+    def open_temp(self, final: Path | str, *, parent_exists: bool = False,
+                  anonymous: Literal[False] = False, direct: bool = False) -> tuple[Path, int]: ...
+    @overload
+    def open_temp(self, final: Path | str, *, parent_exists: bool = False,
+                  anonymous: bool, direct: bool = False) -> tuple[Temp, int]: ...
 
     def open_temp(self, final: Path | str, *, parent_exists: bool = False,
                   anonymous: bool = False, direct: bool = False) -> tuple[Temp, int]:

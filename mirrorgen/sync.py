@@ -286,7 +286,8 @@ def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any
             result.index_files += len(temps)
         except BaseException:
             stop.set()
-            for future in (shards, *flushes):
+            futures: list[concurrent.futures.Future[Any]] = [shards, *flushes]
+            for future in futures:
                 with contextlib.suppress(BaseException):
                     future.result()
             for _, pairs in staged:
@@ -391,7 +392,7 @@ def _names_on_disk(dirs: set[str]) -> set[tuple[str, str]]:
     return out
 
 
-def _hash_existing(path: str, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
+def _hash_existing(path: Path | str, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:

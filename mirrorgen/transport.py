@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -134,7 +134,7 @@ class Transport:
         for lane in lanes:
             await asyncio.to_thread(lane.thread.join, max(0.0, deadline - time.monotonic()))
 
-    async def _attempts(self, url: str):  # type: ignore[no-untyped-def]
+    async def _attempts(self, url: str) -> AsyncIterator[int]:
         """Yield attempt numbers, sleeping with exponential backoff and jitter between them."""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -223,7 +223,7 @@ class Transport:
         raise AssertionError("fetch_many ended without an outcome")
 
     async def fetch_many(self, requests: Iterable[FetchRequest], store: Store, *,
-                         verify: bool = True) -> AsyncIterator[tuple[FetchRequest, Staged | MirrorError]]:
+                         verify: bool = True) -> AsyncGenerator[tuple[FetchRequest, Staged | MirrorError], None]:
         """:meth:`fetch` for many files: each request's outcome (a :class:`Staged` file, or the
         MirrorError that ended it) as it comes, in no particular order.
 
@@ -273,7 +273,7 @@ class Transport:
             lane = _Lane(loop, self.timeout)
             self._lanes.append(lane)
             return lane
-        waiter = loop.create_future()
+        waiter: asyncio.Future[_Lane] = loop.create_future()
         self._lane_waiters.append(waiter)
         try:
             return await waiter
@@ -852,6 +852,7 @@ class _Lane:
         counted as an attempt."""
         self.ahead.clear()
         self.first = first
+        request: FetchRequest | None
         try:
             while not batch.stopped.is_set():
                 if self.ahead:
@@ -974,6 +975,7 @@ class _Lane:
 
     def _receive(self, job: _Job, resp: _Response) -> Staged:
         size, buf = job.size, self.buf
+        assert job.batch is not None and job.final is not None and job.hasher is not None  # a fetch's job
         sink = _Sink(job.batch.store, job.final, job.hasher, self.dirs)
         try:
             sink.open(direct=size is not None and size >= _DIRECT_MIN)
@@ -1105,6 +1107,7 @@ class _Lane:
         yet, taking more from the batch up to the lane's depth. In order: responses come in the
         order requests were sent, and the lane reads them in the order it takes requests."""
         batch = job.batch
+        assert batch is not None  # only a fetch's requests are pipelined
         depth = _PIPELINE_SMALL if self.first else _PIPELINE_LARGE
         if len(conn.inflight) > depth // 2 + 1:
             return  # enough on their way: more later, many per system call

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Final
+from typing import IO, Any, Final, cast
 
 import msgpack
 
@@ -83,7 +83,8 @@ def _receive(stream: IO[bytes]) -> object | None:
     data = _read_exact(stream, size)
     if data is None:
         return None
-    return msgpack.unpackb(data, raw=False)
+    message: object = msgpack.unpackb(data, raw=False)
+    return message
 
 
 class WorkerError(RuntimeError):
@@ -240,7 +241,7 @@ def main() -> int:
         message = _receive(stdin)
         if message is None:
             return 0
-        job, task = message  # type: ignore[misc]
+        job, task = cast("list[Any]", message)  # [job name, task], as the parent's _send wrote it
         try:
             _send(stdout, ["ok", JOBS[job](task)])
         except Exception as exc:  # reported to the parent, which raises it there

@@ -36,7 +36,7 @@ class LocatedList(list[Any]):
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    last_node_line: int | None = None  # of the last timestamp built, for an error's line
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
@@ -91,7 +91,7 @@ _Loader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
 
 
 def _current_line(loader: _Loader) -> int | None:
-    return getattr(loader, "last_node_line", None)
+    return loader.last_node_line
 
 
 def load_yaml(text: str, file: str) -> Any:

@@ -145,14 +145,15 @@ class CondaChannel:
         by the worker processes where there are any, to temporary files named ``temp_prefix``
         and their digest in each subdir's shards directory: ``new`` then yields them ``staged``.
         """
-        assert self.index is not None
+        index = self.index
+        assert index is not None
         by_subdir: dict[str, list[CondaRecord]] = defaultdict(list)
         for record in kept:
             by_subdir[record.channel_subdir].append(record)
-        subdirs = sorted(self.index.subdirs)
+        subdirs = sorted(index.subdirs)
         state = state if isinstance(state, dict) else {}
-        previous = state.get("shards") if isinstance(state.get("shards"), dict) else {}
-        published = state.get("published") if isinstance(state.get("published"), dict) else {}
+        previous: dict[str, Any] = state["shards"] if isinstance(state.get("shards"), dict) else {}
+        published: dict[str, Any] = state["published"] if isinstance(state.get("published"), dict) else {}
         plans: dict[str, ShardPlan] = {}
         for subdir in subdirs:
             on_disk: set[str] = set()
@@ -163,7 +164,7 @@ class CondaChannel:
                                         cache=cache if isinstance(cache, dict) else None, on_disk=on_disk)
 
         def fingerprint(subdir: str) -> str:
-            src = self.index.subdirs[subdir]
+            src = index.subdirs[subdir]
             return _fingerprint(
                 WRITER_VERSION, orjson.dumps({k: bytes(v).decode() for k, v in src.info.items()}),
                 orjson.dumps(sorted(src.removed)),
@@ -172,7 +173,7 @@ class CondaChannel:
         def fingerprints() -> dict[str, str]:
             out = {subdir: fingerprint(subdir) for subdir in subdirs}
             out[""] = _fingerprint(WRITER_VERSION, *(out[s].encode() for s in subdirs),
-                                   orjson.dumps(self.index.channeldata, option=orjson.OPT_SORT_KEYS))
+                                   orjson.dumps(index.channeldata, option=orjson.OPT_SORT_KEYS))
             return out
 
         # A plan with a key still unknown has a name last run did not publish: that subdir and
@@ -191,7 +192,7 @@ class CondaChannel:
         def new() -> Iterator[IndexFile]:
             # Yielded as the encoder makes them: each is written while the next is encoded.
             for subdir in subdirs:
-                if temp_dirs is not None:
+                if temp_dirs is not None and temp_prefix is not None:
                     directory = temp_dirs.get(subdir)
                     if directory is None:
                         continue
@@ -211,13 +212,13 @@ class CondaChannel:
                                     after_new=True)
             for subdir in subdirs:
                 if subdir not in unchanged:
-                    src = self.index.subdirs[subdir]
+                    src = index.subdirs[subdir]
                     repodata = render_repodata(subdir, by_subdir.get(subdir, []), src.info, src.removed)
                     yield IndexFile(f"{subdir}/repodata.json", repodata, zst_twin=True)
             if "" not in unchanged:
                 yield IndexFile("channeldata.json",
                                 render_channeldata(subdirs, (r for rs in by_subdir.values() for r in rs),
-                                                   self.index.channeldata))
+                                                   index.channeldata))
 
         return Rendering(new(), files(), tuple(temp_dirs.values()) if temp_dirs else ())
 

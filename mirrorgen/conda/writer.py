@@ -67,7 +67,8 @@ def render_repodata(subdir: str, records: Iterable[CondaRecord], info: dict[str,
                     removed: Sequence[str]) -> Repodata:
     out_info: dict[str, Any] = {k: v for k, v in info.items() if k not in _DROPPED_INFO_KEYS}
     out_info["subdir"] = subdir
-    tar, conda = [], []
+    tar: list[CondaRecord] = []
+    conda: list[CondaRecord] = []
     for record in sorted(records, key=_by_fn):
         (conda if record.is_conda else tar).append(record)
     # `removed` is short; the records are not: test each record against it, not the reverse.

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from ..config import load_config
 from ..store import STATE_DIR, Store
@@ -68,7 +69,7 @@ Point clients at the mirror:
 
 def _static_app(root: Path) -> web.Application:
     @web.middleware
-    async def hide_state(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def hide_state(request: web.Request, handler: Handler) -> web.StreamResponse:
         if f"/{STATE_DIR}" in request.path or "/.mirrorgen-tmp-" in request.path:
             raise web.HTTPNotFound()
         return await handler(request)
