@@ -145,8 +145,11 @@ class Transport:
         delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF)
         await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
-    async def get(self, url: str, *, limit: int = 4 << 30) -> bytes | None:
-        """The whole body, or None if upstream says the file does not exist (404/410, no file)."""
+    async def get(self, url: str, *, limit: int = 4 << 30, optional: bool = False) -> bytes | None:
+        """The whole body, or None if upstream says the file does not exist (404/410, no file).
+        ``optional``: a file a channel may lack, where 401 and 403 also mean "not there" (as S3
+        answers for a missing key), as :meth:`exists` takes them. Any other failure, after the
+        retries, raises UpstreamError."""
         path = local_path(url)
         if path is not None:
             try:
@@ -155,8 +158,9 @@ class Transport:
                 return None
             except OSError as exc:
                 raise UpstreamError(redact(url), str(exc)) from None
-        status, body = await self._request(url, "GET", limit)
-        return None if status in _ABSENT else body
+        absent = _ABSENT_ON_HEAD if optional else _ABSENT
+        status, body = await self._request(url, "GET", limit, absent=absent)
+        return None if status in absent else body
 
     async def exists(self, url: str) -> bool:
         """Whether upstream has ``url``: a HEAD answered 200 (redirects followed). 404 and 410

@@ -377,3 +377,39 @@ async def test_a_subdir_probe_upstream_cannot_answer_fails_the_run_and_loses_not
     assert len(err.strip().splitlines()) == 1
     assert (config.root / "conda-demo" / "linux-64" / "repodata.json").read_bytes() == before
     assert all(p.exists() for p in packages)
+
+
+async def test_channeldata_upstream_cannot_serve_fails_the_run_and_keeps_the_last_one(
+        upstream, write_config) -> None:
+    # channeldata.json is optional, but "upstream failed to answer" is not "upstream has none":
+    # taken for none, the run would publish channeldata without upstream's descriptions.
+    summary = "Base package of the demo channel"
+    (upstream.root / "demo" / "channeldata.json").write_bytes(orjson.dumps(
+        {"channeldata_version": 1, "subdirs": ["linux-64", "noarch"],
+         "packages": {"demo-base": {"summary": summary, "home": "https://example.invalid/base"}}}))
+    config = write_config(upstream.channel_url, retries=1)
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 0, err
+    published = config.root / "conda-demo" / "channeldata.json"
+    before = published.read_bytes()
+    assert orjson.loads(before)["packages"]["demo-base"]["summary"] == summary
+
+    upstream.control.fail_first = {"demo/channeldata.json": 10}
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 1, err
+    assert "channeldata.json" in err and "HTTP 500" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert published.read_bytes() == before
+    assert upstream.control.count("demo/channeldata.json") == 1 + 2  # the first run, then 2 attempts
+
+
+@pytest.mark.parametrize("status", [403, 404])
+async def test_a_channel_without_channeldata_is_still_mirrored(upstream, write_config, status: int) -> None:
+    # As S3 answers a missing key with 403 to whoever may not list the bucket.
+    upstream.control.missing_status = status
+    config = write_config(upstream.channel_url, retries=1)
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert result.failed == {}
+    assert upstream.control.count("demo/channeldata.json") == 1
+    channeldata = orjson.loads((config.root / "conda-demo" / "channeldata.json").read_bytes())
+    assert channeldata["subdirs"] == ["linux-64", "noarch"] and "demo-base" in channeldata["packages"]

@@ -110,11 +110,11 @@ class CondaSource:
         return await self.transport.exists(url)
 
     async def _channeldata(self, source: str) -> dict[str, Any] | None:
+        # Optional: a channel without channeldata.json is still a channel. But an upstream that
+        # fails to answer (5xx after the retries, no connection) fails the run: taken for "none",
+        # it would publish channeldata without upstream's descriptions, or make discovery guess.
         url = join_url(source, "channeldata.json")
-        try:
-            body = await self.transport.get(url, limit=1 << 30)
-        except UpstreamError:
-            return None  # optional: a channel without channeldata.json is still a channel
+        body = await self.transport.get(url, limit=1 << 30, optional=True)
         if body is None:
             return None
         try:
