@@ -47,6 +47,7 @@ import httptools
 
 from .errors import ChecksumMismatch, MirrorError, SizeMismatch, UpstreamError, naming
 from .fdio import write_all
+from .httpproxy import Proxy, ProxyRefused, Routes, open_tunnel
 from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
                     start_writeback, write_direct)
 from .urls import is_remote, redact
@@ -116,6 +117,7 @@ class Transport:
                  backoff: float = 0.5) -> None:
         self.retries, self.timeout, self.backoff = retries, timeout, backoff
         self.concurrency = concurrency
+        self.routes = Routes()  # http_proxy, https_proxy, no_proxy: read once per run
         self._lanes: list[_Lane] = []
         self._free: list[_Lane] = []
         self._lane_waiters: deque[asyncio.Future[_Lane]] = deque()
@@ -274,7 +276,7 @@ class Transport:
             return self._free.pop()
         loop = asyncio.get_running_loop()
         if len(self._lanes) < max(self.concurrency, 1):
-            lane = _Lane(loop, self.timeout)
+            lane = _Lane(loop, self.timeout, self.routes)
             self._lanes.append(lane)
             return lane
         waiter: asyncio.Future[_Lane] = loop.create_future()
@@ -568,11 +570,20 @@ class _Conn:
     have not begun, oldest first; ``pending``, bytes received past the response being read (the
     beginning of the next ones)."""
 
-    def __init__(self, scheme: str, host: str, port: int, timeout: float) -> None:
-        sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
+    def __init__(self, scheme: str, host: str, port: int, timeout: float, proxy: Proxy | None = None) -> None:
+        # Through ``proxy``: http requests name the whole URL (see _prepare); https goes through
+        # a tunnel, opened here, with TLS to the upstream itself inside it.
+        try:
+            sock = socket.create_connection(proxy.address if proxy else (host, port), timeout=_CONNECT_TIMEOUT)
+        except OSError as exc:
+            if proxy is None:
+                raise
+            raise ConnectionError(f"proxy {proxy.url}: {_describe(exc)}") from None  # retried as it was
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
+                if proxy is not None:
+                    open_tunnel(sock, proxy, host, port, _USER_AGENT)
                 sock = _ssl_context().wrap_socket(sock, server_hostname=host)
             # Then as aiohttp's sock_read: per read, not per file. Set as socket options on a
             # blocking socket, not with settimeout: with a timeout, Python polls before every
@@ -802,8 +813,8 @@ class _Lane:
     to verified temporary file, over HTTP/1.1 connections it keeps alive (one per host).
     A lane is held by one download at a time (:meth:`Transport._lane`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.loop, self.timeout = loop, timeout
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, routes: Routes) -> None:
+        self.loop, self.timeout, self.routes = loop, timeout, routes
         self.conns: dict[tuple[str, str, int], _Conn] = {}
         # An anonymous mapping: page-aligned, as direct writes need.
         self.buf = memoryview(mmap.mmap(-1, BUFFER))
@@ -1028,7 +1039,7 @@ class _Lane:
                 encoded = self._encoded.pop(url, None) if not hop else None
                 key, data = encoded or self._encode(job.url, url)
             else:
-                key, target, headers = _prepare(job.url, url)
+                key, target, headers = _prepare(job.url, url, self.routes)
                 data = _encode_request(target, _host_header(key), headers, method)
             resp = self._request(job, key, data, pipeline=not hop and job.batch is not None,
                                  head=method == "HEAD")
@@ -1052,13 +1063,13 @@ class _Lane:
         shared = self._bases.get(base)
         if shared is None:
             if "?" in url or "#" in url or base.count("/") < 2:
-                key, target, headers = _prepare(original, url)
+                key, target, headers = _prepare(original, url, self.routes)
                 return key, _encode_request(target, _host_header(key), headers)
-            key, target, headers = _prepare(original, base + "/")  # quote works char by char
+            key, target, headers = _prepare(original, base + "/", self.routes)  # quote works char by char
             prefix, _, tail = _encode_request(target + "\0", _host_header(key), headers).partition(b"\0")
             shared = self._bases[base] = (key, prefix, tail)
         elif "?" in name or "#" in name:
-            key, target, headers = _prepare(original, url)
+            key, target, headers = _prepare(original, url, self.routes)
             return key, _encode_request(target, _host_header(key), headers)
         key, prefix, tail = shared
         return key, b"".join((prefix, quote(name, safe=_PATH_SAFE).encode("latin-1"), tail))
@@ -1097,6 +1108,9 @@ class _Lane:
                     self.serial.add(key)
                     job.batch.unpipelined = True
                 return resp
+            except ProxyRefused as exc:  # no retry changes that
+                self._drop(key)
+                raise UpstreamError(redact(job.url), str(exc)) from None
             except OSError as exc:
                 self._drop(key)
                 if job.cancelled:
@@ -1135,7 +1149,7 @@ class _Lane:
             conn.send(out)
 
     def _connect(self, key: tuple[str, str, int]) -> _Conn:
-        conn = _Conn(*key, timeout=self.timeout)
+        conn = _Conn(*key, timeout=self.timeout, proxy=self.routes.proxy(*key))
         self.conns[key] = conn
         return conn
 
@@ -1145,9 +1159,10 @@ class _Lane:
             conn.close()
 
 
-def _prepare(original: str, url: str) -> tuple[tuple[str, str, int], str, dict[str, str]]:
+def _prepare(original: str, url: str, routes: Routes) -> tuple[tuple[str, str, int], str, dict[str, str]]:
     """A GET of ``url`` (``original``: the URL asked for, before redirects): the connection's
-    key (scheme, host, port), the request target, and the headers."""
+    key (scheme, host, port), the request target, and the headers. Through a proxy (plain http
+    only: https tunnels), the target is the whole URL and the proxy's credentials go with it."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
@@ -1160,6 +1175,10 @@ def _prepare(original: str, url: str) -> tuple[tuple[str, str, int], str, dict[s
     if parts.username is not None or parts.password is not None:
         user = unquote(parts.username or "") + ":" + unquote(parts.password or "")
         headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+    if scheme == "http" and routes and (proxy := routes.proxy(*key)) is not None:
+        target = f"http://{_host_header(key)}{target}"
+        if proxy.authorization is not None:
+            headers["Proxy-Authorization"] = proxy.authorization
     return key, target, headers
 
 

@@ -202,15 +202,27 @@ async def test_large_and_small_files_arrive_whole_whatever_the_length_of_their_h
 @pytest.mark.parametrize("url", [
     "http://u:p@h:81/a b/c%20d/x y.conda", "http://h/x", "https://h/d/e/f-1.0.tar.bz2",
     "http://h/d/e/f?x=1/2", "http://[::1]:80/a/b", "http://h"])
-def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(url: str) -> None:
+@pytest.mark.parametrize("proxy", [None, "http://pu:pp@proxy:3128"])
+def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(
+        url: str, proxy: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mirrorgen.httpproxy import Routes
     from mirrorgen.transport import _encode_request, _host_header, _Lane, _prepare
 
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    if proxy is not None:
+        monkeypatch.setenv("http_proxy", proxy)
     lane = _Lane.__new__(_Lane)  # no thread: only its request cache
-    lane._bases = {}
-    key, target, headers = _prepare(url, url)
+    lane._bases, lane.routes = {}, Routes()
+    key, target, headers = _prepare(url, url, lane.routes)
     want = (key, _encode_request(target, _host_header(key), headers))
     assert lane._encode(url, url) == want
     assert lane._encode(url, url) == want  # from the cache the second time
+    # Through a proxy, plain http names the whole URL and carries the proxy's credentials.
+    forward = proxy is not None and url.startswith("http:")
+    assert target.startswith("http://") is forward
+    assert ("Proxy-Authorization" in headers) is forward
 
 
 @pytest.mark.parametrize(("data", "end"), [

@@ -55,6 +55,8 @@ class UpstreamControl:
     delay: float = 0.0
     # the answer for a path that does not exist: 404, or 403 as S3 gives without list permission
     missing_status: int = 404
+    # requests that carried a Proxy-Authorization header (a proxy's credentials, never ours to see)
+    proxy_authorizations: int = 0
 
     def count(self, path: str, method: str = "GET") -> int:
         """How many ``method`` requests reached ``path`` (relative, no token)."""
@@ -92,6 +94,8 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     # raw_path keeps what the client actually sent (with token, undecoded).
     control.requests.append(f"{request.method} {request.raw_path}")
     control.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+    if "Proxy-Authorization" in request.headers:
+        control.proxy_authorizations += 1
     if control.delay > 0:
         await asyncio.sleep(control.delay)
 
