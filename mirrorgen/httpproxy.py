@@ -14,15 +14,14 @@ credentials in the upstream URL. The proxy's own credentials, from its URL
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import socket
 import urllib.request
 from typing import Final, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from .errors import UsageError
-from .urls import redact
+from .urls import basic_credentials, redact
 
 __all__ = ["Proxy", "ProxyRefused", "Routes", "TunnelRefused", "open_tunnel"]
 
@@ -116,11 +115,7 @@ def _parse(value: str, variable: str) -> Proxy:
         raise UsageError(f"{variable}={shown}: only http:// proxies are supported, not {parts.scheme}://")
     if not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise UsageError(f"{variable}={shown}: not a proxy URL (expected http://host:port)")
-    authorization = None
-    if parts.username is not None or parts.password is not None:
-        user = unquote(parts.username or "") + ":" + unquote(parts.password or "")
-        authorization = "Basic " + base64.b64encode(user.encode()).decode()
-    return Proxy(parts.hostname, port or 80, authorization, shown)
+    return Proxy(parts.hostname, port or 80, basic_credentials(parts), shown)
 
 
 class TunnelRefused(ConnectionError):

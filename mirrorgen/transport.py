@@ -21,7 +21,6 @@ a batch of others: one filesystem sync for the batch instead of two fsyncs per f
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -50,7 +49,7 @@ from .fdio import write_all
 from .httpproxy import Proxy, ProxyRefused, Routes, open_tunnel
 from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
                     start_writeback, write_direct)
-from .urls import is_remote, redact
+from .urls import basic_credentials, is_remote, redact
 
 __all__ = ["Transport", "Verified", "Staged", "GroupCommit", "FetchRequest", "local_path"]
 
@@ -1172,9 +1171,8 @@ def _prepare(original: str, url: str, routes: Routes) -> tuple[tuple[str, str, i
     if parts.query:
         target += "?" + quote(parts.query, safe=_QUERY_SAFE)
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
-    if parts.username is not None or parts.password is not None:
-        user = unquote(parts.username or "") + ":" + unquote(parts.password or "")
-        headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+    if (credentials := basic_credentials(parts)) is not None:
+        headers["Authorization"] = credentials
     if scheme == "http" and routes and (proxy := routes.proxy(*key)) is not None:
         target = f"http://{_host_header(key)}{target}"
         if proxy.authorization is not None:

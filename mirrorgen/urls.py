@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
-__all__ = ["redact", "join_url", "is_remote"]
+__all__ = ["redact", "join_url", "is_remote", "basic_credentials"]
 
 # anaconda.org / Anaconda Platform put the access token in the path: .../t/<TOKEN>/...
 _TOKEN_RE: Final = re.compile(r"/t/[^/]+(?=/|$)")
@@ -22,6 +23,14 @@ def redact(url: str) -> str:
             host += f":{parts.port}"
         url = urlunsplit((parts.scheme, f"<CREDENTIALS>@{host}", parts.path, parts.query, parts.fragment))
     return url
+
+
+def basic_credentials(parts: SplitResult) -> str | None:
+    """The ``Basic`` credentials (RFC 7617) of a URL's ``user:password``, or None without any."""
+    if parts.username is None and parts.password is None:
+        return None
+    user = unquote(parts.username or "") + ":" + unquote(parts.password or "")
+    return "Basic " + base64.b64encode(user.encode()).decode()
 
 
 def join_url(base: str, *parts: str) -> str:

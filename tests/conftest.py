@@ -4,8 +4,9 @@ aiohttp app with fault injection, and a helper that writes a mirrorgen config fo
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Final
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,22 @@ from pytest_aiohttp import AiohttpServer
 from mirrorgen.config import Config, load_config
 from mirrorgen.demo.packages import demo_specs, write_channel
 from tests.support.upstream import UpstreamControl, make_upstream_app
+
+
+# Proxy settings of the machine running the tests: every upstream here is on loopback.
+PROXY_VARIABLES: Final = tuple(n for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+                               for n in (name, name.upper()))
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_machine() -> Iterator[None]:
+    """A machine whose shell sets http_proxy would send the tests' loopback requests (and the
+    subprocesses' they start) to its proxy: each test starts without them, and sets its own.
+    A patch of its own, so that a test's ``monkeypatch.undo()`` does not bring them back."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in PROXY_VARIABLES:
+            patch.delenv(name, raising=False)
+        yield
 
 
 @pytest.fixture(scope="session")

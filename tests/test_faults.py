@@ -16,20 +16,12 @@ from mirrorgen.errors import RepodataError, UpstreamError
 from mirrorgen.store import Store, TEMP_PREFIX, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.verify import verify_mirror
+from tests.support.cli import cli
 
 
 def listed(root: Path, subdir: str) -> set[str]:
     doc = orjson.loads((root / "conda-demo" / subdir / "repodata.json").read_bytes())
     return set(doc["packages"]) | set(doc["packages.conda"])
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    """Run the real command line in a subprocess while this loop keeps serving the upstream."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mirrorgen.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_upstream_500_is_retried_until_it_succeeds(upstream, write_config) -> None:

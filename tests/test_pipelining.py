@@ -208,9 +208,6 @@ def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(
     from mirrorgen.httpproxy import Routes
     from mirrorgen.transport import _encode_request, _host_header, _Lane, _prepare
 
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
     if proxy is not None:
         monkeypatch.setenv("http_proxy", proxy)
     lane = _Lane.__new__(_Lane)  # no thread: only its request cache

@@ -8,11 +8,9 @@ upstream on loopback (certificates from ``trustme``), the mirror synced by the r
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import ssl
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,19 +25,17 @@ from mirrorgen.httpproxy import _bypassed
 from mirrorgen.store import Store
 from mirrorgen.sync import sync_mirror
 from tests.conftest import Upstream
+from tests.support.cli import cli
 from tests.support.forward_proxy import ForwardProxy, run_forward_proxy
 from tests.support.upstream import UpstreamControl, make_upstream_app
 
 PACKAGES = (".conda", ".tar.bz2")
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No proxy variable from the machine running the tests; a fresh TLS context per test."""
-    for name in _PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+def fresh_tls_context() -> Iterator[None]:
+    """The TLS context is made once per process: here once per test, each with its SSL_CERT_FILE.
+    (No proxy variable from the machine reaches a test: see conftest.)"""
     transport._ssl_context.cache_clear()
     yield
     transport._ssl_context.cache_clear()
@@ -182,15 +178,6 @@ async def test_an_https_upstream_direct_with_a_private_ca(
     assert published(config.root) == set(tls_upstream.files("linux-64") + tls_upstream.files("noarch"))
 
 
-async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mirrorgen.cli", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_an_upstream_certificate_nobody_trusts_is_a_one_line_error(
         tls_upstream: Upstream, write_config) -> None:
     config = write_config(tls_upstream.channel_url, retries=0)
@@ -209,8 +196,7 @@ async def test_an_upstream_certificate_nobody_trusts_is_a_one_line_error(
 async def test_a_proxy_variable_mirrorgen_cannot_use_is_a_usage_error(
         upstream: Upstream, write_config, variable: str, value: str, says: str) -> None:
     config = write_config(upstream.channel_url)
-    env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARIABLES}
-    code, _, err = await cli("sync", "-c", str(config.path), "--quiet", env={**env, variable: value})
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet", env={**os.environ, variable: value})
     assert code == 2, err
     assert variable.lower() in err.lower() and says in err, err
     assert "hunter2" not in err
