@@ -151,11 +151,11 @@ def open_tunnel(sock: socket.socket, proxy: Proxy, host: str, port: int, user_ag
     if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
         raise ProxyRefused(f"proxy {proxy.url}: CONNECT {authority}: not an HTTP answer: {status_line[:80]!r}")
     status = int(fields[1])
-    if 200 <= status < 300 and not rest:
+    if 200 <= status < 300:
+        if rest:  # TLS has not begun: nothing may follow the answer
+            raise ProxyRefused(f"proxy {proxy.url}: CONNECT {authority}: bytes after the proxy's answer")
         return
-    reason = f"CONNECT {authority}: HTTP {status_line[len(fields[0]) + 1:][:80]}"
+    reason = f"proxy {proxy.url}: CONNECT {authority}: HTTP {status_line[len(fields[0]) + 1:][:80]}"
     if status in (408, 429) or 500 <= status < 600:
-        raise TunnelRefused(f"proxy {proxy.url}: {reason}")
-    if rest and 200 <= status < 300:
-        reason = f"CONNECT {authority}: bytes after the proxy's answer"
-    raise ProxyRefused(f"proxy {proxy.url}: {reason}")
+        raise TunnelRefused(reason)
+    raise ProxyRefused(reason)
