@@ -139,11 +139,13 @@ def _cmd_sync(args: argparse.Namespace, config: Config, mirrors: Any, store: Sto
             result = _run(sync_mirror(config, mirror, store, dry_run=args.dry_run, clean=args.clean,
                                       progress=not (args.quiet or args.json)))
         except MirrorError as exc:
-            if exc.exit_code == 2 or len(mirrors) == 1:
+            if len(mirrors) == 1:
                 raise
+            # One mirror's failure, or a filter that leaves it empty (exit 2), is that mirror's:
+            # the others still sync, and the exit code is the worst of them.
             print(f"mirrorgen: error: {mirror.name}: {exc}", file=sys.stderr)
             results.append({"mirror": mirror.name, "state": "failed", "error": str(exc)})
-            code = 1
+            code = max(code, exc.exit_code)
             continue
         results.append(result.to_json())
         if result.failed:

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 from .errors import ConfigError
@@ -58,8 +59,10 @@ class Filters:
     date_from: dt.date | None = None
     date_to: dt.date | None = None
     include_dependencies: bool = False
-    # Where each filter key was written, for errors found later (e.g. "matched nothing").
+    # Where each filter was written (line, and key as the user spelled it: "mirrors[0].blacklist"
+    # for exclude), for errors found later (e.g. "matched nothing").
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    keys: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +117,8 @@ def parse_config(text: str, path: Path) -> Config:
     if not isinstance(data, LocatedDict):
         raise ConfigError("the configuration must be a mapping with 'root' and 'mirrors'", file=file,
                           line=1)
-    root_value = data.get("root", data.get("mirror_dir"))
     root_key = "root" if "root" in data else "mirror_dir"
+    root_value = data.get(root_key)
     if root_value is None:
         raise ConfigError("missing (the directory the mirror tree is written to)", file=file,
                           line=data.line, key="root")
@@ -123,6 +126,14 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError("expected a directory path", file=file, line=data.line_of(root_key),
                           key=root_key)
     root = _resolve_path(root_value, path)
+    if root_key == "root" and "mirror_dir" in data:
+        # A cas-sync file migrates by adding root; a mirror_dir left beside it must agree, or
+        # the tree would silently go to one of two places the file names.
+        other = data["mirror_dir"]
+        if not isinstance(other, str) or _resolve_path(other, path) != root:
+            raise ConfigError(f"names another directory than root ({root}): give only one of "
+                              "root / mirror_dir", file=file, line=data.line_of("mirror_dir"),
+                              key="mirror_dir")
 
     if "mirrors" in data:
         for key in data:
@@ -194,6 +205,9 @@ class _Entry:
         return ConfigError(message, file=self.file, line=self.data.line_of(key),
                            key=_join(self.prefix, key))
 
+    def one_of(self, *keys: str) -> str | None:
+        return _one_of(self.data, keys, self.file, self.prefix)
+
     def string(self, key: str, default: str | None = None) -> str | None:
         value = self.data.get(key, default)
         if value is not None and not isinstance(value, str):
@@ -255,13 +269,14 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
     if mode not in MODES:
         raise e.err("mode", f"unknown mode {mode!r} (active or passive)")
 
-    name = e.string("name") or e.string("dest_channel")
+    # name beats dest_channel: a cas-sync file migrates by adding name, and keeps dest_channel.
+    name_key = "name" if "name" in data or "dest_channel" not in data else "dest_channel"
+    name = e.string(name_key)
     if name is None:
         raise ConfigError("missing (the mirror's URL path under root)", file=file, line=data.line,
                           key=_join(prefix, "name"))
     if not _NAME_RE.match(name) or name in (".mirrorgen",):
-        raise e.err("name" if "name" in data else "dest_channel",
-                    f"{name!r} is not a valid mirror name (letters, digits, '.', '_', '-')")
+        raise e.err(name_key, f"{name!r} is not a valid mirror name (letters, digits, '.', '_', '-')")
 
     sources = _sources(e, config_path)
     subdirs = _subdirs(e, mtype)
@@ -294,7 +309,9 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
         if not croniter.is_valid(schedule):
             raise e.err("schedule", f"{schedule!r} is not a valid cron expression")
 
-    verify = e.boolean("verify_checksums", e.boolean("verify_checksum", True))
+    verify = e.boolean(e.one_of("verify_checksums", "verify_checksum") or "verify_checksums", True)
+    if prefix and "mirror_dir" in data:
+        raise e.err("mirror_dir", "mirror_dir is the tree's root: give it as root, at the top level")
     timeout = data.get("timeout", 300.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise e.err("timeout", f"expected a positive number of seconds, got {timeout!r}")
@@ -307,11 +324,12 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
 
 
 def _sources(e: _Entry, config_path: Path) -> tuple[str, ...]:
-    given = [k for k in ("source", "sources", "channels", "remote_url") if k in e.data]
-    if not given:
+    # cas-sync's remote_url is the server the channels default to; written beside channels it is
+    # their base, not a second list of sources, so only a mirror without one reads it.
+    key = e.one_of("source", "sources", "channels") or ("remote_url" if "remote_url" in e.data else None)
+    if key is None:
         raise ConfigError("missing (the upstream URL or directory to mirror)", file=e.file,
                           line=e.data.line, key=_join(e.prefix, "source"))
-    key = given[0]
     values = e.strings(key) or ()
     if not values:
         raise e.err(key, "expected at least one upstream URL or directory")
@@ -343,7 +361,7 @@ def _redact(url: str) -> str:
 
 
 def _subdirs(e: _Entry, mtype: str) -> tuple[str, ...] | None:
-    key = "subdirs" if "subdirs" in e.data else "platforms"
+    key = e.one_of("subdirs", "platforms") or "subdirs"
     values = e.strings(key)
     if values is None:
         return None
@@ -378,7 +396,12 @@ def _filters(e: _Entry, mtype: str) -> Filters:
         return e.strings(key, data=data, prefix=fprefix) or ()
 
     lines = {k: data.line_of(k) for k in data}
+    written = {k: _join(fprefix, k) for k in data}
     only, exclude, include = fstrings("only"), fstrings("exclude"), fstrings("include")
+    # Every list of specs as written (filter, key, line), checked one by one below so that an
+    # error names the key the user wrote, not the filter a compatibility key merged into.
+    spec_lists = [(k, _join(fprefix, k), data.line_of(k), v)
+                  for k, v in (("only", only), ("exclude", exclude), ("include", include)) if v]
     licenses = fstrings("licenses")
     python_versions = fstrings("python_versions")
 
@@ -401,19 +424,31 @@ def _filters(e: _Entry, mtype: str) -> Filters:
                                   "(a package list may only be combined with platforms and python_versions)",
                                   file=e.file, line=src.line_of(k), key=_join(e.prefix if src is top else fprefix, k))
         only = only + pkg_list
-        lines.setdefault("only", top.line_of("pkg_list" if "pkg_list" in top else "projects"))
+        pkg_key = "pkg_list" if "pkg_list" in top else "projects"
+        lines.setdefault("only", top.line_of(pkg_key))
+        written.setdefault("only", _join(e.prefix, pkg_key))
+        spec_lists.append(("only", _join(e.prefix, pkg_key), top.line_of(pkg_key), pkg_list))
     if blocklist:
         exclude = exclude + blocklist
-        lines.setdefault("exclude", top.line_of(next(k for k in ("blacklist", "blocklist") if k in top)))
+        block_key = next(k for k in ("blacklist", "blocklist") if k in top)
+        lines.setdefault("exclude", top.line_of(block_key))
+        written.setdefault("exclude", _join(e.prefix, block_key))
+        spec_lists.append(("exclude", _join(e.prefix, block_key), top.line_of(block_key), blocklist))
     if allowlist:
         include = include + allowlist
-        lines.setdefault("include", top.line_of(next(k for k in ("whitelist", "allowlist") if k in top)))
+        allow_key = next(k for k in ("whitelist", "allowlist") if k in top)
+        lines.setdefault("include", top.line_of(allow_key))
+        written.setdefault("include", _join(e.prefix, allow_key))
+        spec_lists.append(("include", _join(e.prefix, allow_key), top.line_of(allow_key), allowlist))
     if license_block:
         licenses = licenses + tuple(f"-{x.lstrip('-')}" for x in license_block)
-        lines.setdefault("licenses", top.line_of(next(k for k in ("license_blacklist", "license_blocklist") if k in top)))
+        license_key = next(k for k in ("license_blacklist", "license_blocklist") if k in top)
+        lines.setdefault("licenses", top.line_of(license_key))
+        written.setdefault("licenses", _join(e.prefix, license_key))
     if "python_versions" in top:
         python_versions = python_versions + (e.strings("python_versions") or ())
         lines.setdefault("python_versions", top.line_of("python_versions"))
+        written.setdefault("python_versions", _join(e.prefix, "python_versions"))
 
     from .licenses import LICENSE_FAMILIES
 
@@ -433,6 +468,9 @@ def _filters(e: _Entry, mtype: str) -> Filters:
                               line=src.line_of(k), key=_join(fprefix if src is data else e.prefix, k))
 
     latest = _latest(e, data, fprefix)
+    if latest is not None and "latest" not in data:
+        lines["latest"] = top.line_of("latest_only")
+        written["latest"] = _join(e.prefix, "latest_only")
     date_from = _date(e, data, fprefix, "date_from")
     date_to = _date(e, data, fprefix, "date_to")
     if date_from and date_to and date_from > date_to:
@@ -444,26 +482,73 @@ def _filters(e: _Entry, mtype: str) -> Filters:
                           line=data.line_of("include_dependencies"),
                           key=_join(fprefix, "include_dependencies"))
 
-    if mtype == "conda":
-        from .conda.matchspec import parse_matchspec
-
-        for key, specs in (("only", only), ("exclude", exclude), ("include", include)):
-            for spec in specs:
-                try:
-                    parse_matchspec(spec)
-                except ValueError as exc:
-                    raise ConfigError(f"invalid MatchSpec {spec!r}: {exc}", file=e.file,
-                                      line=lines.get(key, data.line), key=_join(fprefix, key)) from None
+    check = _SPEC_CHECKS[mtype]()
+    for _, where, line, specs in spec_lists:
+        for spec in specs:
+            problem = check(spec)
+            if problem is not None:
+                raise ConfigError(problem, file=e.file, line=line, key=where)
     return Filters(only=only, exclude=exclude, include=include, licenses=licenses,
                    python_versions=python_versions, latest=latest, date_from=date_from,
-                   date_to=date_to, include_dependencies=include_deps, lines=lines)
+                   date_to=date_to, include_dependencies=include_deps, lines=lines, keys=written)
+
+
+def _conda_spec_check() -> Callable[[str], str | None]:
+    from .conda.matchspec import parse_matchspec
+
+    def check(spec: str) -> str | None:
+        try:
+            parse_matchspec(spec)
+        except ValueError as exc:
+            return f"invalid MatchSpec {spec!r}: {exc}"
+        return None
+    return check
+
+
+def _pypi_spec_check() -> Callable[[str], str | None]:
+    from packaging.requirements import InvalidRequirement, Requirement  # PEP 508
+
+    def check(spec: str) -> str | None:
+        try:
+            Requirement(spec)
+        except InvalidRequirement as exc:
+            return f"invalid requirement {spec!r} (PEP 508): {str(exc).splitlines()[0]}"
+        return None
+    return check
+
+
+# R's dependency syntax, as in a DESCRIPTION's Depends/Imports: a package name (letters, digits
+# and dots, starting with a letter, at least two characters, not ending in a dot) and at most one
+# version constraint in parentheses. No library parses it; this is the whole grammar.
+_CRAN_SPEC_RE: Final = re.compile(
+    r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]\s*(?:\(\s*(?:>=|<=|==|!=|>|<)\s*[0-9]+(?:[.-][0-9]+)*\s*\))?$")
+
+
+def _cran_spec_check() -> Callable[[str], str | None]:
+    def check(spec: str) -> str | None:
+        if _CRAN_SPEC_RE.match(spec):
+            return None
+        return f"invalid package spec {spec!r} (a name, or a name and a constraint like 'Rcpp (>= 1.0)')"
+    return check
+
+
+_SPEC_CHECKS: Final[dict[str, Callable[[], Callable[[str], str | None]]]] = {
+    "conda": _conda_spec_check, "pypi": _pypi_spec_check, "cran": _cran_spec_check}
+
+
+def _one_of(data: LocatedDict, keys: tuple[str, ...], file: str, prefix: str) -> str | None:
+    """Which of several spellings of one setting the entry uses (None: none); two is an error,
+    not a silent choice of one."""
+    present = sorted((k for k in keys if k in data), key=data.line_of)
+    if len(present) > 1:  # named where the second spelling is written
+        raise ConfigError(f"give only one of {' / '.join(keys)}", file=file,
+                          line=data.line_of(present[1]), key=_join(prefix, present[1]))
+    return present[0] if present else None
 
 
 def _first(e: _Entry, keys: tuple[str, ...]) -> tuple[str, ...]:
-    present = [k for k in keys if k in e.data]
-    if len(present) > 1:
-        raise e.err(present[1], f"give only one of {' / '.join(keys)}")
-    return (e.strings(present[0]) or ()) if present else ()
+    key = e.one_of(*keys)
+    return (e.strings(key) or ()) if key else ()
 
 
 def _latest(e: _Entry, data: LocatedDict, fprefix: str) -> int | None:

@@ -390,19 +390,30 @@ class Store:
     # -- locking ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, mirror: str) -> Iterator[None]:
-        """One run per mirror at a time, across processes (flock is released if we die)."""
+    def lock(self, mirror: str, *, write: bool = True) -> Iterator[None]:
+        """One run per mirror at a time, across processes (flock is released if we die).
+
+        ``write=False`` (a dry run) creates nothing: it takes an existing lock file, or none
+        when no run ever made one, and leaves the holder's pid in it alone."""
         path = self.state_dir(mirror) / "lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if write else 0), 0o644)
+        except FileNotFoundError:
+            if write:
+                raise
+            yield
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 raise LockedError(mirror, holder) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            if write:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
             yield
         finally:
             os.close(fd)

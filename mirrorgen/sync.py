@@ -79,7 +79,7 @@ def _now() -> str:
 async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry_run: bool = False,
                       clean: bool = False, progress: bool = True) -> RunResult:
     channel = channel_for(mirror)
-    with store.lock(mirror.name):
+    with store.lock(mirror.name, write=not dry_run):
         started = _now()
         status = store.read_state(mirror.name, "status.json") or {}
         if not dry_run:
@@ -310,13 +310,15 @@ def _stage(store: Store, mirror: MirrorConfig, index_file: Any) -> list[tuple[Pa
 def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
     counts = outcome.counts()
     culprit = max(counts, key=counts.__getitem__) if counts else None
-    lines = mirror.filters.lines
     key = {"only": "only", "exclude": "exclude", "licenses": "licenses", "latest": "latest",
-           "dates": "date_from", "python_versions": "python_versions"}.get(culprit or "", None)
-    prefix = f"{mirror.name}.filters"
+           "dates": "date_from", "python_versions": "python_versions"}.get(culprit or "", "")
+    if key == "date_from" and key not in mirror.filters.keys:
+        key = "date_to"
     why = f" ('{culprit}' removed {counts[culprit]} of {outcome.total})" if culprit else ""
+    # Named as the configuration's own errors are: by the key as written, where it was written.
     return ConfigError(f"the filters leave nothing to mirror{why}", file=mirror.file,
-                       line=lines.get(key or "", mirror.line), key=f"{prefix}.{key}" if key else mirror.name)
+                       line=mirror.filters.lines.get(key, mirror.line),
+                       key=mirror.filters.keys.get(key, mirror.name))
 
 
 async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport: Transport,

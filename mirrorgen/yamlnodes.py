@@ -37,27 +37,50 @@ class LocatedList(list[Any]):
 
 class _Loader(yaml.SafeLoader):
     last_node_line: int | None = None  # of the last timestamp built, for an error's line
+    path: list[str | int]              # keys and indexes down to the value being built
+
+    def key_path(self) -> str | None:
+        """The value being built as the configuration names keys: ``mirrors[0].filters.latest``."""
+        from .urls import redact  # a key is user text: a pasted token URL must not leak
+
+        out = ""
+        for part in self.path:
+            out += f"[{part}]" if isinstance(part, int) else (f".{redact(part)}" if out else redact(part))
+        return out or None
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
-    loader.flatten_mapping(node)
+    # A key written twice is an error, but a key written beside a merge (``<<: *shared``)
+    # overrides the merged one, as YAML's merge type says: only the written keys are checked.
+    written = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # the merged pairs first, in precedence order, then the written
+    merged = len(node.value) - written
     result = LocatedDict()
     result.line = node.start_mark.line + 1
     result.key_lines = {}
-    for key_node, value_node in node.value:
+    seen: set[str] = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             key = str(key)
-        if key in result:
-            raise ConfigError(f"duplicate key {key!r}", file=loader.name,
-                              line=key_node.start_mark.line + 1, key=key)
+        if i >= merged:
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r}", file=loader.name,
+                                  line=key_node.start_mark.line + 1, key=key)
+            seen.add(key)
+        loader.path.append(key)
         result[key] = loader.construct_object(value_node, deep=True)
+        loader.path.pop()
         result.key_lines[key] = key_node.start_mark.line + 1
     return result
 
 
 def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LocatedList:
-    result = LocatedList(loader.construct_object(child, deep=True) for child in node.value)
+    result = LocatedList()
+    for i, child in enumerate(node.value):
+        loader.path.append(i)
+        result.append(loader.construct_object(child, deep=True))
+        loader.path.pop()
     result.line = node.start_mark.line + 1
     result.item_lines = [child.start_mark.line + 1 for child in node.value]
     return result
@@ -98,6 +121,7 @@ def load_yaml(text: str, file: str) -> Any:
     """Parse YAML text; a syntax error becomes a one-line :class:`ConfigError` with its line."""
     loader = _Loader(text)
     loader.name = file
+    loader.path = []
     try:
         return loader.get_single_data()
     except ConfigError:
@@ -105,10 +129,16 @@ def load_yaml(text: str, file: str) -> Any:
     except ValueError as exc:
         # PyYAML's own constructors raise a bare ValueError for an impossible date (2024-02-30).
         node_line = _current_line(loader)
-        raise ConfigError(f"invalid value: {exc}", file=file, line=node_line) from None
+        raise ConfigError(f"invalid value: {exc}", file=file, line=node_line,
+                          key=loader.key_path()) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
+        last = max(len(text.splitlines()), 1)
+        if exc.context_mark is not None and mark is not None and mark.line >= last:
+            # Found at the end of the stream (an unclosed bracket or quote): the problem mark is
+            # past the last line; where the construct opened is the line to show.
+            mark = exc.context_mark
+        line = min(mark.line + 1, last) if mark else None
         raise ConfigError(f"invalid YAML: {exc.problem or exc.context}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None

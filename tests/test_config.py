@@ -362,13 +362,12 @@ def test_compatibility_key_maps_onto_filters(key: str, value: str, expected: Fil
     ("license_blocklist", "[GPL2]", "licenses"),
     ("pkg_list", "[numpy]", "only"),
     ("python_versions", "['3.11']", "python_versions"),
-    pytest.param("latest_only", "true", "latest", marks=pytest.mark.xfail(
-        strict=True, reason="config._latest does not record latest_only's line in Filters.lines, so "
-        "sync._empty_result's 'filters leave nothing' error points at the mirror, not at latest_only")),
+    ("latest_only", "true", "latest"),
 ])
 def test_compatibility_key_line_is_remembered_for_later_errors(key: str, value: str, filter_name: str) -> None:
     config = parse(f"root: /srv/mirror\ntype: conda\nchannels: [{MAIN}]\n{key}: {value}\n")
     assert config.mirrors[0].filters.lines.get(filter_name) == 4
+    assert config.mirrors[0].filters.keys.get(filter_name) == key
 
 
 def test_filters_latest_wins_over_latest_only() -> None:
@@ -719,14 +718,14 @@ def test_cli_sync_of_pypi_and_cran_mirrors_exits_2_not_implemented(tmp_path: Pat
 
 def test_unquoted_impossible_date_is_a_config_error() -> None:
     err = config_error(BASE.replace(_LATEST, "      date_from: 2024-02-30\n"))
-    assert err.line == 9
+    assert (err.line, err.key) == (9, "mirrors[0].filters.date_from")
 
 
 def test_cli_unquoted_impossible_date_exits_2_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "mirrorgen.yaml"
     path.write_text(BASE.replace("root: /srv/mirror", f"root: {tmp_path / 'tree'}")
                     .replace(_LATEST, "      date_to: 2024-13-01\n"))
-    assert_usage_error(cli("sync", "-c", str(path), cwd=tmp_path), f"{path}:9")
+    assert_usage_error(cli("sync", "-c", str(path), cwd=tmp_path), f"{path}:9: mirrors[0].filters.date_to:")
 
 
 def test_unquoted_python_version_3_10_is_not_silently_3_1() -> None:
@@ -739,9 +738,6 @@ def test_unquoted_python_version_3_10_is_not_silently_3_1() -> None:
         assert config.mirrors[0].filters.python_versions == ("3.10",)
 
 
-@pytest.mark.xfail(strict=True, reason="config._filters checks MatchSpecs after merging the compatibility "
-                   "keys into only/exclude/include, and names the merged filter (filters.exclude) instead of the "
-                   "key the user wrote (blacklist / pkg_list); the line is right")
 @pytest.mark.parametrize(("key", "line"), [("blacklist", 8), ("pkg_list", 8), ("whitelist", 8)])
 def test_invalid_matchspec_in_a_compatibility_key_names_that_key(key: str, line: int) -> None:
     err = config_error(BASE.replace(_SUBDIRS, _SUBDIRS + f'    {key}: ["numpy >=<1"]\n'))
@@ -763,20 +759,40 @@ def test_empty_source_string_is_a_config_error() -> None:
     assert (err.line, err.key) == (3, "source")
 
 
-@pytest.mark.xfail(strict=True, reason="config._sources/_subdirs/parse_config silently use the first of "
-                   "source/sources/channels/remote_url, subdirs/platforms, root/mirror_dir and ignore the "
-                   "other, unlike blacklist/blocklist ('give only one of')")
-@pytest.mark.parametrize("keys", [
-    f"source: {MAIN}\nchannels: [https://repo.anaconda.com/pkgs/free]\n",
-    f"channels: [{MAIN}]\nsubdirs: [linux-64]\nplatforms: [win-64]\n",
-    f"channels: [{MAIN}]\nmirror_dir: /srv/other\n",
-], ids=["source+channels", "subdirs+platforms", "root+mirror_dir"])
-def test_two_spellings_of_one_setting_is_a_config_error(keys: str) -> None:
-    config_error(f"root: /srv/mirror\ntype: conda\n{keys}")
+@pytest.mark.parametrize(("keys", "line", "key"), [
+    (f"source: {MAIN}\nchannels: [https://repo.anaconda.com/pkgs/free]\n", 4, "channels"),
+    (f"sources: [{MAIN}]\nsource: {MAIN}\n", 4, "source"),
+    (f"channels: [{MAIN}]\nsubdirs: [linux-64]\nplatforms: [win-64]\n", 5, "platforms"),
+    (f"channels: [{MAIN}]\nmirror_dir: /srv/other\n", 4, "mirror_dir"),
+    (f"channels: [{MAIN}]\nverify_checksums: true\nverify_checksum: false\n", 5, "verify_checksum"),
+], ids=["source+channels", "sources+source", "subdirs+platforms", "root+mirror_dir", "verify_checksums+verify_checksum"])
+def test_two_spellings_of_one_setting_is_a_config_error(keys: str, line: int, key: str) -> None:
+    err = config_error(f"root: /srv/mirror\ntype: conda\n{keys}")
+    assert (err.line, err.key) == (line, key), str(err)
 
 
-@pytest.mark.xfail(strict=True, reason="yamlnodes._construct_mapping reports a key that overrides a YAML "
-                   "merge key (<<: *anchor) as a duplicate key; YAML says the explicit key wins")
+def test_mirror_dir_beside_root_naming_the_same_directory_is_accepted() -> None:
+    config = parse(f"root: /srv/mirror\nmirror_dir: /srv/mirror/\ntype: conda\nchannels: [{MAIN}]\n")
+    assert config.root == Path("/srv/mirror")
+
+
+def test_remote_url_beside_channels_is_their_base_not_a_source() -> None:
+    config = parse(f"root: /srv/mirror\ntype: conda\nremote_url: https://repo.anaconda.com/\nchannels: [{MAIN}]\n")
+    assert config.mirrors[0].sources == (MAIN,)
+
+
+def test_mirror_dir_inside_a_mirror_entry_is_a_config_error() -> None:
+    err = config_error(f"""\
+        root: /srv/mirror
+        mirrors:
+          - name: main
+            type: conda
+            source: {MAIN}
+            mirror_dir: /srv/elsewhere
+        """)
+    assert (err.line, err.key) == (6, "mirrors[0].mirror_dir")
+
+
 def test_yaml_merge_keys_let_a_mirror_override_shared_settings() -> None:
     config = parse(f"""\
         root: /srv/mirror
@@ -792,8 +808,42 @@ def test_yaml_merge_keys_let_a_mirror_override_shared_settings() -> None:
     assert [(m.name, m.sources) for m in config.mirrors] == [("main", (MAIN,)), ("main-linux", (MAIN,))]
 
 
-@pytest.mark.xfail(strict=True, reason="yamlnodes.load_yaml uses the problem mark, which at end of stream "
-                   "is the line after the last one; the context mark (where the bracket/quote opened) is right")
+def test_a_key_written_twice_beside_a_yaml_merge_is_still_a_duplicate() -> None:
+    err = config_error(f"""\
+        root: /srv/mirror
+        mirrors:
+          - &main
+            name: main
+            type: conda
+            source: {MAIN}
+          - <<: *main
+            name: main-linux
+            name: main-osx
+        """)
+    assert (err.line, err.key) == (9, "name")
+    assert "duplicate key 'name'" in str(err)
+
+
+def test_the_first_of_two_merged_mappings_wins_as_yaml_says() -> None:
+    config = parse(f"""\
+        root: /srv/mirror
+        mirrors:
+          - &a
+            name: a
+            type: conda
+            mode: passive
+            source: {MAIN}
+          - &b
+            name: b
+            type: conda
+            mode: active
+            source: {MAIN}
+          - <<: [*a, *b]
+            name: c
+        """)
+    assert config.mirrors[2].mode == "passive"
+
+
 @pytest.mark.parametrize(("text", "line"), [
     ("root: /srv/mirror\nmirrors:\n  - name: main\n    type: conda\n    source: [x\n", 5),
     ("root: /srv/mirror\nmirrors:\n  - name: 'main\n    type: conda\n", 3),
@@ -807,11 +857,34 @@ def test_type_errors_do_not_name_internal_classes() -> None:
     assert "Located" not in str(err)
 
 
-@pytest.mark.xfail(strict=True, reason="config._filters validates only/exclude/include only for conda; "
-                   "SPEC §3 says pypi specs are PEP 508, so 'numpy >=<1' should be rejected at load time")
 def test_invalid_pep508_spec_in_a_pypi_mirror_is_a_config_error() -> None:
     err = config_error("root: /srv/mirror\ntype: pypi\nsource: https://pypi.org/\nfilters:\n  only: ['numpy >=<1']\n")
     assert (err.line, err.key) == (5, "filters.only")
+    assert "PEP 508" in str(err)
+
+
+def test_pep508_specs_in_a_pypi_mirror_load() -> None:
+    config = parse("root: /srv/mirror\ntype: pypi\nsource: https://pypi.org/\n"
+                   "filters:\n  exclude: ['numpy >=1.26,<2', 'torch; python_version < \"3.9\"']\n")
+    assert config.mirrors[0].filters.exclude == ("numpy >=1.26,<2", 'torch; python_version < "3.9"')
+
+
+def test_invalid_pep508_spec_in_a_pypi_blocklist_names_the_blocklist() -> None:
+    err = config_error("root: /srv/mirror\ntype: pypi\nsource: https://pypi.org/\nblocklist: ['numpy ~~1']\n")
+    assert (err.line, err.key) == (4, "blocklist")
+
+
+@pytest.mark.parametrize("spec", ["Rcpp", "data.table", "ggplot2 (>= 3.4.0)", "R6(<2.5)", "BH (== 1.81.0-1)"])
+def test_cran_specs_in_r_dependency_syntax_load(spec: str) -> None:
+    config = parse(f"root: /srv/mirror\ntype: cran\nsource: https://cloud.r-project.org/\nfilters:\n  only: ['{spec}']\n")
+    assert config.mirrors[0].filters.only == (spec,)
+
+
+@pytest.mark.parametrize("spec", ["Rcpp >= 1.0", "ggplot2 (>= 3.4", "x", "data.", "pkg (~= 1)", "pkg (>= one)"])
+def test_invalid_cran_spec_is_a_config_error(spec: str) -> None:
+    err = config_error(f"root: /srv/mirror\ntype: cran\nsource: https://cloud.r-project.org/\nfilters:\n  exclude: ['{spec}']\n")
+    assert (err.line, err.key) == (5, "filters.exclude")
+    assert repr(spec) in str(err)
 
 
 def test_token_url_written_as_a_key_is_redacted() -> None:

@@ -164,7 +164,7 @@ async def test_dry_run_writes_nothing_and_clean_removes_what_the_filters_no_long
     config = write_config(upstream.channel_url)
     code, out, _ = await cli("sync", "-c", str(config.path), "--dry-run")
     assert code == 0 and "8 files to fetch" in out
-    assert not (config.root / "conda-demo").exists()
+    assert not config.root.exists()  # not even a lock file or a state directory
 
     await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
     old_base = next(f for f in upstream.files("linux-64") if f.startswith("demo-base-0.9"))
@@ -405,3 +405,26 @@ async def test_a_channel_without_channeldata_is_still_mirrored(upstream, write_c
     assert upstream.control.count("demo/channeldata.json") == 1
     channeldata = orjson.loads((config.root / "conda-demo" / "channeldata.json").read_bytes())
     assert channeldata["subdirs"] == ["linux-64", "noarch"] and "demo-base" in channeldata["packages"]
+
+
+@pytest.mark.parametrize(("filters", "line", "key"), [
+    ("    filters:\n      only: [no-such-package]\n", 7, "mirrors[0].filters.only"),
+    ("    pkg_list: [no-such-package]\n", 6, "mirrors[0].pkg_list"),
+])
+async def test_a_mirror_its_filters_leave_empty_exits_2_naming_the_key_and_the_others_still_sync(
+        upstream, tmp_path: Path, filters: str, line: int, key: str) -> None:
+    path = tmp_path / "mirrorgen.yaml"
+    path.write_text(
+        f"root: {tmp_path / 'mirror'}\nmirrors:\n"
+        f"  - name: empty\n    type: conda\n    source: {upstream.channel_url}\n{filters}"
+        f"  - name: good\n    type: conda\n    source: {upstream.channel_url}\n    subdirs: [linux-64, noarch]\n")
+    code, out, err = await cli("sync", "-c", str(path), "--quiet")
+    assert code == 2
+    (message,) = err.strip().splitlines()
+    assert message.startswith(f"mirrorgen: error: empty: {path}:{line}: {key}: the filters leave nothing to mirror")
+    assert "Traceback" not in err
+    assert (tmp_path / "mirror" / "good" / "noarch" / "repodata.json").exists()
+    assert not (tmp_path / "mirror" / "empty").exists()
+    store = Store(tmp_path / "mirror")
+    assert store.read_state("good", "status.json")["state"] == "completed"
+    assert store.read_state("empty", "status.json")["state"] == "failed"
