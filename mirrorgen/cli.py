@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import orjson
 
 from . import __version__
 from .config import Config, load_config
-from .errors import MirrorError, UsageError, describe_os_error
+from .errors import ConfigError, MirrorError, UsageError, describe_os_error
 from .store import Store
 
 __all__ = ["main"]
@@ -124,6 +125,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(workdir=Path(args.dir) if args.dir else None, host=args.host, port=args.port,
                         serve=not args.no_serve)
     config = load_config(args.config)
+    if not config.mirrors:
+        if args.command in ("verify", "status", "report"):
+            # SPEC §3: a configuration may give only root (the far side of an air gap); these
+            # commands then work on every mirror the tree holds.
+            from .status import mirrors_in_tree
+
+            config = dataclasses.replace(config, mirrors=mirrors_in_tree(Store(config.root), str(config.path)))
+        elif args.command in ("sync", "clean"):
+            raise ConfigError(f"no mirrors to {args.command} (add entries under mirrors)",
+                              file=str(config.path), key="mirrors")
     mirrors = config.select(args.mirror)
     store = Store(config.root)
     command: Callable[..., int] = globals()[f"_cmd_{args.command}"]

@@ -18,7 +18,8 @@ from typing import Any, Final, Literal
 from .errors import ConfigError
 from .yamlnodes import LocatedDict, LocatedList, load_yaml
 
-__all__ = ["Config", "MirrorConfig", "Filters", "load_config", "parse_config", "MIRROR_TYPES"]
+__all__ = ["Config", "MirrorConfig", "Filters", "load_config", "parse_config", "valid_mirror_name",
+           "MIRROR_TYPES", "MODES"]
 
 MirrorType = Literal["conda", "pypi", "cran"]
 Mode = Literal["active", "passive"]
@@ -168,6 +169,10 @@ def parse_config(text: str, path: Path) -> Config:
     return Config(path=path, root=root, mirrors=tuple(mirrors))
 
 
+def valid_mirror_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name)) and name != ".mirrorgen"
+
+
 def _join(prefix: str, key: str) -> str:
     from .urls import redact
 
@@ -275,7 +280,7 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
     if name is None:
         raise ConfigError("missing (the mirror's URL path under root)", file=file, line=data.line,
                           key=_join(prefix, "name"))
-    if not _NAME_RE.match(name) or name in (".mirrorgen",):
+    if not valid_mirror_name(name):
         raise e.err(name_key, f"{name!r} is not a valid mirror name (letters, digits, '.', '_', '-')")
 
     sources = _sources(e, config_path)

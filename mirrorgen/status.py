@@ -8,10 +8,34 @@ import fcntl
 import os
 from typing import Any
 
-from .config import MirrorConfig
+from .config import MIRROR_TYPES, MODES, Filters, MirrorConfig, valid_mirror_name
 from .store import Store
 
-__all__ = ["mirror_status"]
+__all__ = ["mirror_status", "mirrors_in_tree"]
+
+
+def mirrors_in_tree(store: Store, file: str) -> tuple[MirrorConfig, ...]:
+    """The mirrors a tree holds, for a configuration that gives only ``root`` (SPEC §3: verify
+    and status need nothing else): each state directory under ``<root>/.mirrorgen/``, with the
+    type and mode its runs recorded. A tree whose runs predate that record is read as what its
+    files show (a conda channel), in active mode."""
+    state_dir = store.state_dir()
+    if not state_dir.is_dir():
+        return ()
+    mirrors = []
+    for entry in sorted(state_dir.iterdir()):
+        name = entry.name
+        if not entry.is_dir() or not valid_mirror_name(name):
+            continue
+        recorded = {**(store.read_state(name, "report.json") or {}),
+                    **(store.read_state(name, "status.json") or {})}
+        mtype, mode = recorded.get("type"), recorded.get("mode", "active")
+        if mtype is None and next(store.mirror_dir(name).glob("*/repodata.json"), None) is not None:
+            mtype = "conda"
+        if mtype in MIRROR_TYPES and mode in MODES:
+            mirrors.append(MirrorConfig(name=name, type=mtype, mode=mode, sources=(), subdirs=None,
+                                        filters=Filters(), file=file))
+    return tuple(mirrors)
 
 
 def _lock_held(store: Store, mirror: str) -> bool:

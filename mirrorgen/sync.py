@@ -89,8 +89,8 @@ async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry
                 # downloads where O_TMPFILE cannot be used).
                 store.discard_run_temps(mirror.name, status["temp_tag"])
             store.write_state(mirror.name, "status.json", {
-                **status, "state": "running", "last_start": started, "pid": os.getpid(),
-                "temp_tag": store.temp_tag()})
+                **status, "state": "running", "type": mirror.type, "mode": mirror.mode,
+                "last_start": started, "pid": os.getpid(), "temp_tag": store.temp_tag()})
         result = RunResult(mirror.name, dry_run=dry_run)
         try:
             await _run(mirror, store, channel, result, dry_run=dry_run, clean=clean,
@@ -117,7 +117,8 @@ async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry
 def _status(store: Store, mirror: MirrorConfig, state: str, started: str, result: RunResult,
             error: str | None) -> None:
     store.write_state(mirror.name, "status.json", {
-        "state": state, "last_start": started, "last_end": _now(), "error": error,
+        "state": state, "type": mirror.type, "mode": mirror.mode, "last_start": started,
+        "last_end": _now(), "error": error,
         "counts": {"upstream": result.upstream, "kept": result.kept, "downloaded": result.downloaded,
                    "failed": len(result.failed), "removed": len(result.removed)},
     })

@@ -4,6 +4,7 @@ and stray files. Unlike a sync, this trusts nothing: every byte is read again.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import MirrorConfig
+from .errors import LockedError
 from .store import Store, hash_file
-from .sync import channel_for, stray_files
+from .sync import channel_for
 
 __all__ = ["VerifyResult", "verify_mirror"]
 
@@ -70,7 +72,11 @@ async def verify_mirror(mirror: MirrorConfig, store: Store) -> VerifyResult:
                 result.not_fetched += 1
                 continue
             futures[relpath] = loop.run_in_executor(pool, _check, path, record)
-        for relpath, future in futures.items():
+        # The index files too: a client trusts them as much as the packages (a shard is named
+        # by its own sha256; a .zst must be its repodata.json).
+        index_futures = {relpath: loop.run_in_executor(pool, check)
+                         for relpath, check in channel.index_checks(base)}
+        for relpath, future in (*futures.items(), *index_futures.items()):
             problem = await future
             result.checked += 1
             if problem is None:
@@ -79,5 +85,30 @@ async def verify_mirror(mirror: MirrorConfig, store: Store) -> VerifyResult:
                 result.missing.append(relpath)
             else:
                 result.corrupt[relpath] = problem
-    result.stray = stray_files(store, mirror, channel, set(listed))
+    result.stray = _strays(base, set(listed) | set(index_futures))
+    if any(relpath in index_futures for relpath in (*result.missing, *result.corrupt)):
+        _forget_index_cache(mirror, store)
     return result
+
+
+def _forget_index_cache(mirror: MirrorConfig, store: Store) -> None:
+    """A damaged index file is repaired by the next sync only if it does not trust what it
+    published last (it reuses a shard whose records did not change, and skips a subdir whose
+    files look untouched): drop that cache, so the next sync writes every index file again.
+    It is state, not the tree; while a sync runs (it holds the lock), it is left alone."""
+    with contextlib.suppress(LockedError, OSError), store.lock(mirror.name):
+        store.remove(store.state_dir(mirror.name) / "index-cache.json")
+
+
+def _strays(base: Path, known: set[str]) -> list[str]:
+    """Every file in the mirror's tree that neither the index lists nor is an index file (a
+    clean removes only the kinds mirrorgen writes: see :func:`mirrorgen.sync.stray_files`)."""
+    if not base.is_dir():
+        return []
+    out = []
+    for directory, _, names in os.walk(base):
+        for name in names:
+            relpath = os.path.relpath(os.path.join(directory, name), base).replace(os.sep, "/")
+            if relpath not in known:
+                out.append(relpath)
+    return sorted(out)

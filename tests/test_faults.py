@@ -428,3 +428,68 @@ async def test_a_mirror_its_filters_leave_empty_exits_2_naming_the_key_and_the_o
     store = Store(tmp_path / "mirror")
     assert store.read_state("good", "status.json")["state"] == "completed"
     assert store.read_state("empty", "status.json")["state"] == "failed"
+
+
+async def test_verify_checks_the_index_files_and_a_sync_repairs_them(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    base = config.root / "conda-demo"
+    shard = sorted((base / "linux-64" / "shards").iterdir())[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (base / "noarch" / "repodata.json.zst").write_bytes(b"garbage")
+    (base / "channeldata.json").write_bytes(b'{"packages": ')
+    (base / "linux-64" / "notes.txt").write_text("an operator's note")
+    code, out, _ = await cli("verify", "-c", str(config.path), "--json")
+    doc = json.loads(out)["mirrors"][0]
+    assert code == 1
+    assert sorted(doc["corrupt"]) == ["channeldata.json", f"linux-64/shards/{shard.name}",
+                                      "noarch/repodata.json.zst"]
+    assert doc["corrupt"][f"linux-64/shards/{shard.name}"].startswith("sha256 ")
+    assert doc["missing"] == [] and doc["stray"] == ["linux-64/notes.txt"]
+    # Every package file still checks: the index files were counted besides them.
+    assert doc["checked"] > 8 and doc["ok"] == doc["checked"] - 3
+
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    after = await verify_mirror(config.mirrors[0], Store(config.root))
+    assert (after.failed, after.corrupt, after.missing) == (False, {}, [])
+    assert after.stray == ["linux-64/notes.txt"]  # not mirrorgen's to remove
+
+
+async def test_verify_reports_a_missing_shard(upstream, write_config) -> None:
+    config = write_config(upstream.channel_url)
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    shard = sorted((config.root / "conda-demo" / "noarch" / "shards").iterdir())[0]
+    shard.unlink()
+    result = await verify_mirror(config.mirrors[0], Store(config.root))
+    assert result.missing == [f"noarch/shards/{shard.name}"] and result.failed
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert (await verify_mirror(config.mirrors[0], Store(config.root))).failed is False
+
+
+async def test_verify_and_status_with_only_root_work_on_every_mirror_the_tree_holds(
+        upstream, write_config, tmp_path: Path) -> None:
+    config = write_config(upstream.channel_url)
+    await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    bare = tmp_path / "root-only.yaml"
+    bare.write_text(f"root: {config.root}\nmirrors: []\n")
+    code, out, _ = await cli("verify", "-c", str(bare), "--json")
+    (doc,) = json.loads(out)["mirrors"]
+    assert code == 0 and doc["mirror"] == "conda-demo" and doc["ok"] == doc["checked"] > 8
+    code, out, _ = await cli("status", "-c", str(bare), "--json")
+    (row,) = json.loads(out)["mirrors"]
+    assert code == 0 and (row["mirror"], row["state"]) == ("conda-demo", "completed")
+    files = sorted((config.root / "conda-demo" / "linux-64").glob("*.conda"))
+    files[0].unlink()
+    code, out, _ = await cli("verify", "-c", str(bare))
+    assert code == 1 and f"MISSING linux-64/{files[0].name}" in out
+
+
+@pytest.mark.parametrize("command", ["sync", "clean"])
+async def test_sync_or_clean_with_no_mirrors_is_a_usage_error(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "mirrorgen.yaml"
+    path.write_text(f"root: {tmp_path / 'mirror'}\nmirrors: []\n")
+    code, out, err = await cli(command, "-c", str(path))
+    assert code == 2 and err.strip() == f"mirrorgen: error: {path}: mirrors: no mirrors to {command} (add entries under mirrors)"
+    assert not (tmp_path / "mirror").exists()

@@ -4,11 +4,12 @@ repodata.json — the file clients read first goes last)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -16,6 +17,7 @@ from typing import Any, Final
 import orjson
 
 from ..config import MirrorConfig
+from ..store import hash_file
 from ..transport import Transport
 from ..urls import join_url
 from .matchspec import CondaEcosystem
@@ -90,6 +92,44 @@ def _still_published(mirror_dir: Path | None, subdir: str, fingerprint: str, las
         if recorded != [st.st_size, st.st_mtime_ns]:
             return False
     return True
+
+
+def _json_problem(path: Path) -> str | None:
+    try:
+        orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return "missing"
+    except orjson.JSONDecodeError as exc:
+        return f"not valid JSON ({exc})"
+    return None
+
+
+def _zst_twin_problem(repodata: Path) -> str | None:
+    """Whether repodata.json.zst holds exactly repodata.json's bytes (compared by sha256, in
+    pieces: a conda-forge repodata.json is hundreds of MB)."""
+    import zstandard
+
+    try:
+        with open(repodata.with_name("repodata.json.zst"), "rb") as raw:
+            digest = hashlib.sha256()
+            with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+                while chunk := reader.read(1 << 20):
+                    digest.update(chunk)
+    except FileNotFoundError:
+        return "missing"
+    except zstandard.ZstdError as exc:
+        return f"not a zstd stream ({exc})"
+    if digest.hexdigest() != hash_file(repodata, md5=False)[0]:
+        return "does not decompress to repodata.json"
+    return None
+
+
+def _digest_problem(path: Path, sha256: str) -> str | None:
+    try:
+        got = hash_file(path, md5=False)[0]
+    except FileNotFoundError:
+        return "missing"
+    return None if got == sha256 else f"sha256 {got}, its name says {sha256}"
 
 
 class CondaChannel:
@@ -262,6 +302,38 @@ class CondaChannel:
                     if isinstance(record, dict):
                         out[f"{subdir}/{fn}"] = record
         return out
+
+    @staticmethod
+    def index_checks(mirror_dir: Path) -> Iterator[tuple[str, Callable[[], str | None]]]:
+        """Every published index file with a check of it (None: sound; "missing"; or what is
+        wrong): JSON that parses, a .zst twin that decompresses to its repodata.json, a shard
+        index that decodes, and each shard it names present under the sha256 of its bytes."""
+        from .shards import decode_shard_index, shard_relpath
+
+        if (mirror_dir / "channeldata.json").exists():
+            yield "channeldata.json", functools.partial(_json_problem, mirror_dir / "channeldata.json")
+        for repodata in sorted(mirror_dir.glob("*/repodata.json")):
+            subdir = repodata.parent.name
+            yield f"{subdir}/repodata.json", functools.partial(_json_problem, repodata)
+            yield f"{subdir}/repodata.json.zst", functools.partial(_zst_twin_problem, repodata)
+            index = repodata.parent / "repodata_shards.msgpack.zst"
+            try:
+                doc = decode_shard_index(index.read_bytes())
+                shards = doc["shards"]
+                assert isinstance(shards, dict)
+            except FileNotFoundError:
+                yield f"{subdir}/repodata_shards.msgpack.zst", lambda: "missing"
+                continue
+            except Exception as exc:  # whatever a damaged file makes msgpack or zstd raise
+                yield f"{subdir}/repodata_shards.msgpack.zst", functools.partial(
+                    str, f"does not decode as a CEP-16 shard index ({type(exc).__name__})")
+                continue
+            yield f"{subdir}/repodata_shards.msgpack.zst", lambda: None
+            for digest in shards.values():
+                if isinstance(digest, bytes) and len(digest) == 32:
+                    relpath = shard_relpath(digest)
+                    yield f"{subdir}/{relpath}", functools.partial(
+                        _digest_problem, repodata.parent / relpath, digest.hex())
 
     @staticmethod
     def published_index_files(mirror_dir: Path) -> set[str]:
