@@ -487,10 +487,9 @@ def _filters(e: _Entry, mtype: str) -> Filters:
                           line=data.line_of("include_dependencies"),
                           key=_join(fprefix, "include_dependencies"))
 
-    check = _SPEC_CHECKS[mtype]()
     for _, where, line, specs in spec_lists:
         for spec in specs:
-            problem = check(spec)
+            problem = _SPEC_PROBLEM[mtype](spec)
             if problem is not None:
                 raise ConfigError(problem, file=e.file, line=line, key=where)
     return Filters(only=only, exclude=exclude, include=include, licenses=licenses,
@@ -498,28 +497,24 @@ def _filters(e: _Entry, mtype: str) -> Filters:
                    date_to=date_to, include_dependencies=include_deps, lines=lines, keys=written)
 
 
-def _conda_spec_check() -> Callable[[str], str | None]:
+def _conda_spec_problem(spec: str) -> str | None:
     from .conda.matchspec import parse_matchspec
 
-    def check(spec: str) -> str | None:
-        try:
-            parse_matchspec(spec)
-        except ValueError as exc:
-            return f"invalid MatchSpec {spec!r}: {exc}"
-        return None
-    return check
+    try:
+        parse_matchspec(spec)
+    except ValueError as exc:
+        return f"invalid MatchSpec {spec!r}: {exc}"
+    return None
 
 
-def _pypi_spec_check() -> Callable[[str], str | None]:
+def _pypi_spec_problem(spec: str) -> str | None:
     from packaging.requirements import InvalidRequirement, Requirement  # PEP 508
 
-    def check(spec: str) -> str | None:
-        try:
-            Requirement(spec)
-        except InvalidRequirement as exc:
-            return f"invalid requirement {spec!r} (PEP 508): {str(exc).splitlines()[0]}"
-        return None
-    return check
+    try:
+        Requirement(spec)
+    except InvalidRequirement as exc:
+        return f"invalid requirement {spec!r} (PEP 508): {str(exc).splitlines()[0]}"
+    return None
 
 
 # R's dependency syntax, as in a DESCRIPTION's Depends/Imports: a package name (letters, digits
@@ -529,16 +524,15 @@ _CRAN_SPEC_RE: Final = re.compile(
     r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]\s*(?:\(\s*(?:>=|<=|==|!=|>|<)\s*[0-9]+(?:[.-][0-9]+)*\s*\))?$")
 
 
-def _cran_spec_check() -> Callable[[str], str | None]:
-    def check(spec: str) -> str | None:
-        if _CRAN_SPEC_RE.match(spec):
-            return None
-        return f"invalid package spec {spec!r} (a name, or a name and a constraint like 'Rcpp (>= 1.0)')"
-    return check
+def _cran_spec_problem(spec: str) -> str | None:
+    if _CRAN_SPEC_RE.match(spec):
+        return None
+    return f"invalid package spec {spec!r} (a name, or a name and a constraint like 'Rcpp (>= 1.0)')"
 
 
-_SPEC_CHECKS: Final[dict[str, Callable[[], Callable[[str], str | None]]]] = {
-    "conda": _conda_spec_check, "pypi": _pypi_spec_check, "cran": _cran_spec_check}
+# What is wrong with a filter spec, in each mirror type's own syntax (None: nothing).
+_SPEC_PROBLEM: Final[dict[str, Callable[[str], str | None]]] = {
+    "conda": _conda_spec_problem, "pypi": _pypi_spec_problem, "cran": _cran_spec_problem}
 
 
 def _one_of(data: LocatedDict, keys: tuple[str, ...], file: str, prefix: str) -> str | None:

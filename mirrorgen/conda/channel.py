@@ -94,6 +94,11 @@ def _still_published(mirror_dir: Path | None, subdir: str, fingerprint: str, las
     return True
 
 
+def _found(problem: str | None) -> Callable[[], str | None]:
+    """A check already made (the shard index is read to find the shards it names)."""
+    return lambda: problem
+
+
 def _json_problem(path: Path) -> str | None:
     try:
         orjson.loads(path.read_bytes())
@@ -322,13 +327,13 @@ class CondaChannel:
                 shards = doc["shards"]
                 assert isinstance(shards, dict)
             except FileNotFoundError:
-                yield f"{subdir}/repodata_shards.msgpack.zst", lambda: "missing"
+                yield f"{subdir}/repodata_shards.msgpack.zst", _found("missing")
                 continue
             except Exception as exc:  # whatever a damaged file makes msgpack or zstd raise
-                yield f"{subdir}/repodata_shards.msgpack.zst", functools.partial(
-                    str, f"does not decode as a CEP-16 shard index ({type(exc).__name__})")
+                yield f"{subdir}/repodata_shards.msgpack.zst", _found(
+                    f"does not decode as a CEP-16 shard index ({type(exc).__name__})")
                 continue
-            yield f"{subdir}/repodata_shards.msgpack.zst", lambda: None
+            yield f"{subdir}/repodata_shards.msgpack.zst", _found(None)
             for digest in shards.values():
                 if isinstance(digest, bytes) and len(digest) == 32:
                     relpath = shard_relpath(digest)
