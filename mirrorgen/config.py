@@ -11,8 +11,8 @@ import datetime as dt
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from .errors import ConfigError
@@ -263,6 +263,8 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
     for key in data:
         if key not in _MIRROR_KEYS and key not in _COMPAT_MIRROR_KEYS:
             raise e.err(key, "unknown key")
+    if prefix and "mirror_dir" in data:
+        raise e.err("mirror_dir", "mirror_dir is the tree's root: give it as root, at the top level")
 
     mtype = e.string("type")
     if mtype is None:
@@ -315,8 +317,6 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
             raise e.err("schedule", f"{schedule!r} is not a valid cron expression")
 
     verify = e.boolean(e.one_of("verify_checksums", "verify_checksum") or "verify_checksums", True)
-    if prefix and "mirror_dir" in data:
-        raise e.err("mirror_dir", "mirror_dir is the tree's root: give it as root, at the top level")
     timeout = data.get("timeout", 300.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise e.err("timeout", f"expected a positive number of seconds, got {timeout!r}")
@@ -403,19 +403,28 @@ def _filters(e: _Entry, mtype: str) -> Filters:
     lines = {k: data.line_of(k) for k in data}
     written = {k: _join(fprefix, k) for k in data}
     only, exclude, include = fstrings("only"), fstrings("exclude"), fstrings("include")
-    # Every list of specs as written (filter, key, line), checked one by one below so that an
-    # error names the key the user wrote, not the filter a compatibility key merged into.
-    spec_lists = [(k, _join(fprefix, k), data.line_of(k), v)
+    # Every list of specs as written (key, line), checked one by one below so that an error
+    # names the key the user wrote, not the filter a compatibility key merged into.
+    spec_lists = [(_join(fprefix, k), data.line_of(k), v)
                   for k, v in (("only", only), ("exclude", exclude), ("include", include)) if v]
     licenses = fstrings("licenses")
     python_versions = fstrings("python_versions")
 
     # Compatibility keys, written directly in the mirror entry.
     top = e.data
-    pkg_list = e.strings("pkg_list") or e.strings("projects")
-    blocklist = _first(e, ("blacklist", "blocklist"))
-    allowlist = _first(e, ("whitelist", "allowlist"))
-    license_block = _first(e, ("license_blacklist", "license_blocklist"))
+
+    def merged(filter_name: str, key: str, specs: tuple[str, ...] = ()) -> None:
+        """``key`` feeds ``filter_name``: remember where it was written, check its specs there."""
+        lines.setdefault(filter_name, top.line_of(key))
+        written.setdefault(filter_name, _join(e.prefix, key))
+        if specs:
+            spec_lists.append((_join(e.prefix, key), top.line_of(key), specs))
+
+    pkg_key = "pkg_list" if "pkg_list" in top else "projects"
+    pkg_list = e.strings(pkg_key) or ()
+    block_key, blocklist = _first(e, ("blacklist", "blocklist"))
+    allow_key, allowlist = _first(e, ("whitelist", "allowlist"))
+    license_key, license_block = _first(e, ("license_blacklist", "license_blocklist"))
     if pkg_list:
         # Seed 000: pkg_list "cannot be used with the blocklist, allowlist or license_blocklist
         # arguments — it can only be combined with platform-specific and version-specific mirroring".
@@ -425,35 +434,23 @@ def _filters(e: _Entry, mtype: str) -> Filters:
             if value:
                 k = next(k for k in keys if k in top or k in data)
                 src = top if k in top else data
-                raise ConfigError(f"cannot be combined with {'pkg_list' if 'pkg_list' in top else 'projects'} "
+                raise ConfigError(f"cannot be combined with {pkg_key} "
                                   "(a package list may only be combined with platforms and python_versions)",
                                   file=e.file, line=src.line_of(k), key=_join(e.prefix if src is top else fprefix, k))
         only = only + pkg_list
-        pkg_key = "pkg_list" if "pkg_list" in top else "projects"
-        lines.setdefault("only", top.line_of(pkg_key))
-        written.setdefault("only", _join(e.prefix, pkg_key))
-        spec_lists.append(("only", _join(e.prefix, pkg_key), top.line_of(pkg_key), pkg_list))
+        merged("only", pkg_key, pkg_list)
     if blocklist:
         exclude = exclude + blocklist
-        block_key = next(k for k in ("blacklist", "blocklist") if k in top)
-        lines.setdefault("exclude", top.line_of(block_key))
-        written.setdefault("exclude", _join(e.prefix, block_key))
-        spec_lists.append(("exclude", _join(e.prefix, block_key), top.line_of(block_key), blocklist))
+        merged("exclude", block_key, blocklist)
     if allowlist:
         include = include + allowlist
-        allow_key = next(k for k in ("whitelist", "allowlist") if k in top)
-        lines.setdefault("include", top.line_of(allow_key))
-        written.setdefault("include", _join(e.prefix, allow_key))
-        spec_lists.append(("include", _join(e.prefix, allow_key), top.line_of(allow_key), allowlist))
+        merged("include", allow_key, allowlist)
     if license_block:
         licenses = licenses + tuple(f"-{x.lstrip('-')}" for x in license_block)
-        license_key = next(k for k in ("license_blacklist", "license_blocklist") if k in top)
-        lines.setdefault("licenses", top.line_of(license_key))
-        written.setdefault("licenses", _join(e.prefix, license_key))
+        merged("licenses", license_key)
     if "python_versions" in top:
         python_versions = python_versions + (e.strings("python_versions") or ())
-        lines.setdefault("python_versions", top.line_of("python_versions"))
-        written.setdefault("python_versions", _join(e.prefix, "python_versions"))
+        merged("python_versions", "python_versions")
 
     from .licenses import LICENSE_FAMILIES
 
@@ -474,8 +471,7 @@ def _filters(e: _Entry, mtype: str) -> Filters:
 
     latest = _latest(e, data, fprefix)
     if latest is not None and "latest" not in data:
-        lines["latest"] = top.line_of("latest_only")
-        written["latest"] = _join(e.prefix, "latest_only")
+        merged("latest", "latest_only")
     date_from = _date(e, data, fprefix, "date_from")
     date_to = _date(e, data, fprefix, "date_to")
     if date_from and date_to and date_from > date_to:
@@ -487,7 +483,7 @@ def _filters(e: _Entry, mtype: str) -> Filters:
                           line=data.line_of("include_dependencies"),
                           key=_join(fprefix, "include_dependencies"))
 
-    for _, where, line, specs in spec_lists:
+    for where, line, specs in spec_lists:
         for spec in specs:
             problem = _SPEC_PROBLEM[mtype](spec)
             if problem is not None:
@@ -545,9 +541,10 @@ def _one_of(data: LocatedDict, keys: tuple[str, ...], file: str, prefix: str) ->
     return present[0] if present else None
 
 
-def _first(e: _Entry, keys: tuple[str, ...]) -> tuple[str, ...]:
+def _first(e: _Entry, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The spelling of ``keys`` the entry uses (the first if none) and its strings."""
     key = e.one_of(*keys)
-    return (e.strings(key) or ()) if key else ()
+    return key or keys[0], (e.strings(key) or ()) if key else ()
 
 
 def _latest(e: _Entry, data: LocatedDict, fprefix: str) -> int | None:

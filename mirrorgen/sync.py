@@ -311,10 +311,9 @@ def _stage(store: Store, mirror: MirrorConfig, index_file: Any) -> list[tuple[Pa
 def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
     counts = outcome.counts()
     culprit = max(counts, key=counts.__getitem__) if counts else None
-    key = {"only": "only", "exclude": "exclude", "licenses": "licenses", "latest": "latest",
-           "dates": "date_from", "python_versions": "python_versions"}.get(culprit or "", "")
-    if key == "date_from" and key not in mirror.filters.keys:
-        key = "date_to"
+    key = culprit or ""  # a filter's name is its key, but for the date window's two
+    if key == "dates":
+        key = "date_from" if "date_from" in mirror.filters.keys else "date_to"
     why = f" ('{culprit}' removed {counts[culprit]} of {outcome.total})" if culprit else ""
     # Named as the configuration's own errors are: by the key as written, where it was written.
     return ConfigError(f"the filters leave nothing to mirror{why}", file=mirror.file,
