@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     chosen = QUICK if args.quick else FULL
+    common.back_max = 0 if args.quick else common.BACK_FULL
     header = f"mirrorgen benchmarks, {dt.datetime.now().isoformat(timespec='seconds')}\nmachine: {machine()}"
     print(header, flush=True)
     results = {"machine": machine(), "when": dt.datetime.now().isoformat(timespec="seconds"),

@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", help="also measure this git revision of mirrorgen")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    common.back_max = common.BACK_FULL
     print(machine())
     with builds(args.before) as bs:
         print(run(args.work.resolve(), bs, records=args.records, repeat=args.repeat,

@@ -19,9 +19,11 @@ Both write under ``work`` (the same filesystem); the upstream files are read rig
 timed run so the page cache holds them for both (see common.warm), and dirty pages of the
 previous run are flushed (``sync``) before each timed run. Throughput is the channel's package
 bytes over the run's wall time.
-``sys_s`` is each run's kernel CPU time: curl's goes mostly to allocating page-cache pages, which
-on a virtual machine that hands freed memory back to its host (free page reporting) costs from
-0.3 s to 3 s per gigabyte from one run to the next; mirrorgen's direct writes skip the page cache.
+``sys_s`` is each run's kernel CPU time: curl's goes mostly to allocating page-cache pages. On a
+virtual machine that hands freed memory back to its host (free page reporting) that cost from
+0.3 s to 3 s per gigabyte from one run to the next, and mirrorgen's direct writes skip the page
+cache, so the ratio measured the host more than either program; every timed run now starts with
+the memory it needs backed (common.back_memory), curl's included.
 
 Goal: mirrorgen >= 0.7x curl's throughput, every file verified.
 """
@@ -34,10 +36,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from . import floors, synth
-from .common import Measured, Mirrorgen, Table, fresh, measure, mib, serve_nginx, warm, write_config
+from .common import Measured, Mirrorgen, Table, fresh, measure, mib, run_result, serve_nginx, warm, write_config
 
 SUBDIRS = ("linux-64", "noarch")
 
@@ -46,7 +46,9 @@ def default_concurrency() -> int:
     """``concurrency`` when a mirror does not set it (MirrorConfig's default)."""
     from mirrorgen.config import MirrorConfig
 
-    return next(f.default for f in dataclasses.fields(MirrorConfig) if f.name == "concurrency")
+    default = next(f.default for f in dataclasses.fields(MirrorConfig) if f.name == "concurrency")
+    assert isinstance(default, int)
+    return default
 
 
 def upstream(work: Path, files: int, size_range: tuple[int, int]) -> Path:
@@ -84,13 +86,6 @@ def _on_disk(root: Path, want: dict[str, int]) -> int:
         except FileNotFoundError:
             pass
     return ok
-
-
-def _result(m: Measured) -> dict[str, Any]:
-    try:
-        return (orjson.loads(m.stdout).get("mirrors") or [{}])[0]
-    except (orjson.JSONDecodeError, AttributeError, IndexError):
-        return {}
 
 
 def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
@@ -136,7 +131,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
                     "type": "conda", "mode": "active", "source": server.base_url,
                     "subdirs": list(SUBDIRS)}})
                 m = build.run("sync", "-c", str(mcfg), "--json")
-                res = _result(m)
+                res = run_result(m)
                 if res and (res.get("failed") or res.get("downloaded") != len(want)
                             or res.get("bytes_downloaded") != total):
                     raise SystemExit(f"{build.label}: downloaded {res.get('downloaded')} of {len(want)} "
@@ -180,6 +175,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
 if __name__ == "__main__":
     import argparse
 
+    from . import common
     from .common import builds as _builds
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_download")
@@ -190,6 +186,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--before", default=None)
     args = parser.parse_args()
+    common.back_max = common.BACK_FULL
     with _builds(args.before) as bs:
         print(run(args.work, bs, files=args.files, size_range=(args.min_size, args.max_size),
                   repeat=args.repeat).render())

@@ -27,7 +27,7 @@ import orjson
 
 from . import synth
 from .common import (Measured, Mirrorgen, Request, Table, access_log_since, best_of, fresh,
-                     log_size, mib, serve_nginx, write_config)
+                     log_size, mib, run_result, serve_nginx, write_config)
 
 SUBDIRS = ("linux-64", "noarch")
 _INDEX_NAMES = ("repodata.json", "repodata.json.zst", "repodata.json.bz2", "channeldata.json",
@@ -71,14 +71,6 @@ def _config(path: Path, root: Path, source: str) -> Path:
         "type": "conda", "mode": "active", "source": source, "subdirs": list(SUBDIRS)}})
 
 
-def _result(m: Measured) -> dict[str, Any]:
-    """The mirror's RunResult from ``sync --json`` ({} if this build prints none)."""
-    try:
-        return (orjson.loads(m.stdout).get("mirrors") or [{}])[0]
-    except (orjson.JSONDecodeError, AttributeError, IndexError):
-        return {}
-
-
 def _traffic(requests: list[Request]) -> dict[str, Any]:
     index = [r for r in requests if r.path.rsplit("/", 1)[-1] in _INDEX_NAMES or r.method == "HEAD"]
     packages = [r for r in requests if r not in index]
@@ -104,7 +96,7 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int = 100_000, repeat: 
 
             offset = log_size(server.access_log)
             first = build.run("sync", "-c", str(cfg), "--json")
-            got = _result(first)
+            got = run_result(first)
             if got and (got.get("failed") or got.get("downloaded", len(relpaths)) != len(relpaths)):
                 raise SystemExit(f"{build.label}: first sync downloaded {got.get('downloaded')} of "
                                  f"{len(relpaths)} files, failed {len(got.get('failed') or {})}")
@@ -119,7 +111,7 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int = 100_000, repeat: 
                 m = build.run("sync", "-c", str(cfg), "--json")
                 traffic = _traffic(access_log_since(server.access_log, offset))
                 if best is None or m.wall < best[0].wall:
-                    best = (m, traffic, _result(m))
+                    best = (m, traffic, run_result(m))
             assert best is not None
             m, traffic, got = best
             rows.append(dict(run=f"mirrorgen {build.label}, re-sync", wall_s=m.wall, rss_mib=mib(m.rss),
@@ -149,6 +141,7 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int = 100_000, repeat: 
 if __name__ == "__main__":
     import argparse
 
+    from . import common
     from .common import builds as _builds
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_resync")
@@ -157,5 +150,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--before", default=None)
     args = parser.parse_args()
+    common.back_max = common.BACK_FULL
     with _builds(args.before) as bs:
         print(run(args.work, bs, records=args.records, repeat=args.repeat).render())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import mmap
 import os
 import platform
@@ -79,17 +80,19 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
     return result
 
 
-# How much free memory back_memory touches: more than any timed run here allocates (benchmark 1's
-# naive floor peaks at 1.8 GiB; benchmark 4 writes 1 GB through the page cache), with room for
-# what the host takes back while a run goes on.
-_BACK_MAX = 4 << 30
+# At most how much free memory back_memory touches. Full-size runs (``python -m benchmarks``, each
+# benchmark's own main) set BACK_FULL: more than any timed run here allocates (benchmark 1's naive
+# floor peaks at 1.8 GiB; benchmark 4 writes 1 GB through the page cache), with room for what the
+# host takes back while a run goes on. 0 (the default: --quick, the tests) touches nothing.
+BACK_FULL = 4 << 30
+back_max = 0
 _BACK = """import mmap, sys
 mmap.mmap(-1, int(sys.argv[1]), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE).close()
 """
 
 
 def back_memory() -> None:
-    """Touch free memory (up to 4 GiB, a quarter of what is available) in a child process that
+    """Touch free memory (up to ``back_max``, a quarter of what is available) in a child process that
     exits at once, so that the pages the next timed run allocates are backed by the host.
 
     A virtual machine with free page reporting (virtio-balloon; this one reports free blocks of
@@ -100,16 +103,26 @@ def back_memory() -> None:
     runs interleaved: 2.0-3.1 s for its gigabyte without this, 0.83-1.48 s with 1.5 GiB touched
     first, 0.62-1.03 s with 4 GiB. Every timed run gets the same, baselines included, so the
     ratios compare the programs, not the host's bookkeeping. Elsewhere it costs a moment."""
-    if not hasattr(mmap, "MAP_POPULATE"):
+    if not back_max or not hasattr(mmap, "MAP_POPULATE"):
         return
     try:
         with open("/proc/meminfo") as fh:
             available = next(int(line.split()[1]) << 10 for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return
-    size = min(_BACK_MAX, available // 4)
+    size = min(back_max, available // 4)
     if size > 0:
         subprocess.run([sys.executable, "-c", _BACK, str(size)], check=True)
+
+
+def run_result(m: Measured) -> dict[str, Any]:
+    """The mirror's RunResult from a ``sync --json`` run ({} if this build prints none)."""
+    try:
+        doc = json.loads(m.stdout)
+        result = (doc.get("mirrors") or [{}])[0]
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return {}
+    return result if isinstance(result, dict) else {}
 
 
 class _TreeSampler:
