@@ -5,9 +5,12 @@ which the benchmark checks before it prints a figure)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
-from benchmarks import bench_metadata, floors, synth
+import pytest
+
+from benchmarks import bench_metadata, common, floors, synth
 from benchmarks.common import Mirrorgen, REPO, serve_nginx
 from mirrorgen import transport
 
@@ -62,3 +65,20 @@ def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
         victim.write_bytes(data)
         assert floors.main(["receive", server.base_url, str(listed), "3"]) == 1
         assert floors.main(["fetch", f"{server.base_url},{tmp_path / 'again'}", str(listed), "1"]) == 1
+
+
+def test_memory_backing_runs_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def spy(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        calls.append(cmd)
+        return real_run(cmd, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(common.subprocess, "run", spy)
+    monkeypatch.setattr(common, "back_max", 0)
+    common.back_memory()
+    assert calls == []  # --quick and the tests: nothing touched
+    monkeypatch.setattr(common, "back_max", 16 << 20)
+    common.back_memory()  # the child maps and populates 16 MiB, then exits 0 (check=True)
+    assert len(calls) == 1 and calls[0][-1] == str(16 << 20)
