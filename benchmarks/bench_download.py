@@ -114,7 +114,7 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
             warm(up)
             c = measure([curl, "--silent", "--show-error", "--fail", "--create-dirs",
                          "--parallel", "--parallel-max", str(n), "--config", str(cfg)])
-            s = measure(["sync"])
+            s = measure(["sync"], back=False)
             got = _on_disk(curl_out, want)
             if got != len(want):
                 raise SystemExit(f"curl wrote {got} of {len(want)} files")

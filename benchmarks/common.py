@@ -47,10 +47,12 @@ _GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
 def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-            check: bool = True) -> Measured:
+            check: bool = True, back: bool = True) -> Measured:
     """Run ``cmd`` to completion; its wall time and peak RSS (ru_maxrss is KiB on Linux). The
-    memory it will need is backed first (see :func:`back_memory`)."""
-    back_memory()
+    memory it will need is backed first (see :func:`back_memory`) unless ``back`` is false: a
+    step that finishes the run before it (a ``sync`` after curl) follows it at once."""
+    if back:
+        back_memory()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
         argv = list(cmd)
