@@ -199,10 +199,10 @@ class Transport:
         raise UpstreamError(redact(url), f"{last} (after {self.retries + 1} attempts)")
 
     async def download(self, url: str, final: Path, store: Store, *, size: int | None,
-                       sha256: str | None, md5: str | None, verify: bool = True) -> Verified:
+                       sha256: str | None, md5: str | None) -> Verified:
         """Fetch ``url`` into ``final`` (atomically), checking size and hash before publishing.
         One file, published on its own; many go through :meth:`fetch` and :class:`GroupCommit`."""
-        staged = await self.fetch(url, final, store, size=size, sha256=sha256, md5=md5, verify=verify)
+        staged = await self.fetch(url, final, store, size=size, sha256=sha256, md5=md5)
         try:
             await asyncio.to_thread(store.publish_temps, [(staged.tmp, staged.final)])
         except BaseException:
@@ -211,7 +211,7 @@ class Transport:
         return Verified(staged.entry, staged.bytes_downloaded)
 
     async def fetch(self, url: str, final: Path, store: Store, *, size: int | None,
-                    sha256: str | None, md5: str | None, verify: bool = True) -> Staged:
+                    sha256: str | None, md5: str | None) -> Staged:
         """Fetch ``url`` into a temporary file next to ``final``, checking size and hash: the
         result is complete and verified, but neither durable nor under its final name yet (that
         is :meth:`Store.publish_temps`, for many files at once). On failure no file is left.
@@ -220,15 +220,15 @@ class Transport:
         Not retried: other HTTP errors, a size or hash mismatch (upstream's index and file differ;
         the run reports it)."""
         request = FetchRequest(None, url, final, size, sha256, md5)
-        async with contextlib.aclosing(self.fetch_many([request], store, verify=verify)) as outcomes:
+        async with contextlib.aclosing(self.fetch_many([request], store)) as outcomes:
             async for _, outcome in outcomes:
                 if isinstance(outcome, MirrorError):
                     raise outcome
                 return outcome
         raise AssertionError("fetch_many ended without an outcome")
 
-    async def fetch_many(self, requests: Iterable[FetchRequest], store: Store, *,
-                         verify: bool = True) -> AsyncGenerator[tuple[FetchRequest, Staged | MirrorError], None]:
+    async def fetch_many(self, requests: Iterable[FetchRequest],
+                         store: Store) -> AsyncGenerator[tuple[FetchRequest, Staged | MirrorError], None]:
         """:meth:`fetch` for many files: each request's outcome (a :class:`Staged` file, or the
         MirrorError that ended it) as it comes, in no particular order.
 
@@ -238,7 +238,7 @@ class Transport:
         Outcomes are handed over in batches. Leaving the loop early (an error, a cancellation)
         stops every thread at once and removes the temporary files of what was not taken."""
         loop = asyncio.get_running_loop()
-        batch = _Batch(loop, requests, store, verify, self)
+        batch = _Batch(loop, requests, store, self)
         if not batch.count:
             return
         lanes = [await self._lane() for _ in range(min(max(self.concurrency, 1), batch.count))]
@@ -297,14 +297,14 @@ class Transport:
 
 
 def _copy_local(url: str, path: Path, final: Path | str, store: Store, size: int | None,
-                sha256: str | None, md5: str | None, verify: bool) -> Staged:
+                sha256: str | None, md5: str | None) -> Staged:
     try:
         src = open(path, "rb", buffering=0)
     except FileNotFoundError:
         raise UpstreamError(redact(url), "no such file") from None
     except OSError as exc:
         raise UpstreamError(redact(url), str(exc)) from None
-    sink = _Sink(store, final, _Hasher(sha256, md5, verify))
+    sink = _Sink(store, final, _Hasher(sha256, md5))
     buf = memoryview(bytearray(BUFFER))
     with src:
         try:
@@ -450,8 +450,8 @@ class _Batch:
     done, and how the threads wake the loop (once per batch of outcomes, not once per file)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, requests: Iterable[FetchRequest],
-                 store: Store, verify: bool, transport: Transport) -> None:
-        self.loop, self.store, self.verify = loop, store, verify
+                 store: Store, transport: Transport) -> None:
+        self.loop, self.store = loop, store
         self.small: deque[FetchRequest] = deque()
         self.large: deque[FetchRequest] = deque()
         for request in requests:
@@ -893,12 +893,12 @@ class _Lane:
             if attempt and not batch.pause(attempt):
                 return None
             job = _Job(request.url, request.final, batch, request.size,
-                       _Hasher(request.sha256, request.md5, batch.verify))
+                       _Hasher(request.sha256, request.md5))
             batch.started(job)
             try:
                 if path is not None:
                     return _copy_local(request.url, path, request.final, batch.store, request.size,
-                                       request.sha256, request.md5, batch.verify)
+                                       request.sha256, request.md5)
                 return self.download(job)
             except _Retry as retry:
                 last = retry.reason
@@ -1278,12 +1278,13 @@ class _Sink:
 
 
 class _Hasher:
-    """sha256 always (what we record); md5 too when it is all upstream published."""
+    """sha256 always (what we record); md5 too when it is all upstream published. Whatever hash
+    upstream gave is checked, always: ``verify_checksums: false`` only lets a file that has none
+    be mirrored (see mirrorgen.sync), it never publishes one that fails the hash it has."""
 
-    def __init__(self, sha256: str | None, md5: str | None, verify: bool) -> None:
+    def __init__(self, sha256: str | None, md5: str | None) -> None:
         self.want_sha256 = sha256.lower() if sha256 else None
         self.want_md5 = md5.lower() if md5 else None
-        self.verify = verify
         self.sha256 = hashlib.sha256()
         self.md5 = hashlib.md5(usedforsecurity=False) if (md5 and not sha256) else None
 
@@ -1295,11 +1296,10 @@ class _Hasher:
     def check(self, url: str) -> tuple[str, str | None]:
         got_sha = self.sha256.hexdigest()
         got_md5 = self.md5.hexdigest() if self.md5 is not None else None
-        if self.verify:
-            if self.want_sha256 and got_sha != self.want_sha256:
-                raise ChecksumMismatch(redact(url), "sha256", self.want_sha256, got_sha)
-            if self.md5 is not None and got_md5 != self.want_md5:
-                raise ChecksumMismatch(redact(url), "md5", self.want_md5 or "", got_md5 or "")
+        if self.want_sha256 and got_sha != self.want_sha256:
+            raise ChecksumMismatch(redact(url), "sha256", self.want_sha256, got_sha)
+        if self.md5 is not None and got_md5 != self.want_md5:
+            raise ChecksumMismatch(redact(url), "md5", self.want_md5 or "", got_md5 or "")
         return got_sha, (got_md5 or self.want_md5)
 
 

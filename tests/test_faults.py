@@ -63,6 +63,37 @@ async def test_a_file_failing_its_sha256_is_not_published_and_the_run_exits_1(up
     assert fetched == [f"GET /demo/linux-64/{bad}"]
 
 
+@pytest.mark.parametrize("verify", [True, False])
+async def test_verify_checksums_false_admits_a_file_without_a_hash_but_never_one_failing_its_hash(
+        upstream, write_config, verify: bool) -> None:
+    # seed 001's cas-sync defaults carry `verify_checksum: False`: a migrated file must not turn
+    # a mirror into one that publishes corrupt files (SPEC: upstream's hashes are checked before
+    # a file is published, in every mode). What it relaxes: a file upstream gives no hash for.
+    subdir = upstream.root / "demo" / "linux-64"
+    doc = orjson.loads((subdir / "repodata.json").read_bytes())
+    unhashed, corrupt = upstream.files("linux-64")[:2]
+    for key in ("packages", "packages.conda"):
+        if unhashed in doc.get(key, {}):
+            for field in ("sha256", "md5"):
+                doc[key][unhashed].pop(field, None)
+    for name in ("repodata.json.zst", "repodata.json.bz2"):
+        (subdir / name).unlink()
+    (subdir / "repodata.json").write_bytes(orjson.dumps(doc))
+    upstream.control.corrupt.add(f"demo/linux-64/{corrupt}")
+    config = write_config(upstream.channel_url, verify_checksums=verify)
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 1 and "Traceback" not in err
+    assert corrupt in err and "sha256 mismatch" in err
+    assert corrupt not in listed(config.root, "linux-64")
+    assert not (config.root / "conda-demo" / "linux-64" / corrupt).exists()
+    if verify:
+        assert "upstream publishes no sha256 or md5" in err
+        assert unhashed not in listed(config.root, "linux-64")
+    else:
+        assert unhashed in listed(config.root, "linux-64")
+        assert (config.root / "conda-demo" / "linux-64" / unhashed).read_bytes() == (subdir / unhashed).read_bytes()
+
+
 async def test_a_rerun_downloads_nothing_that_is_already_verified(upstream, write_config) -> None:
     config = write_config(upstream.channel_url)
     store = Store(config.root)
