@@ -148,7 +148,12 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
             result.would_download = [relpath for _, relpath, _ in todo]
             if clean:
                 keep = {channel.relpath(r) for r in outcome.kept}
-                result.removed = [p for p in stray_files(store, mirror, channel, keep)]
+                base = store.mirror_dir(mirror.name)
+                if base.is_dir():  # else nothing is there to remove
+                    index_files = await asyncio.to_thread(
+                        channel.index_files_after, outcome.kept, base,
+                        store.read_state(mirror.name, "index-cache.json"))
+                    result.removed = stray_files(store, mirror, channel, keep, index_files)
             progress.log(f"{mirror.name}: dry run: {len(todo)} files to fetch, "
                          f"{len(result.removed)} to remove, {len(outcome.kept)} records to publish")
             return
@@ -410,13 +415,16 @@ def _hash_existing(path: Path | str, size: int | None, sha256: str | None, md5: 
     return Entry(st.st_size, got_sha, md5.lower() if md5 else got_md5, st.st_mtime_ns)
 
 
-def stray_files(store: Store, mirror: MirrorConfig, channel: Any, keep: set[str]) -> list[str]:
-    """Files in the mirror's tree that the index no longer lists: package files, unreferenced
-    shards, and temporary files left by a killed run."""
+def stray_files(store: Store, mirror: MirrorConfig, channel: Any, keep: set[str],
+                index_files: set[str] | None = None) -> list[str]:
+    """Files in the mirror's tree that the index no longer lists: package files (not in
+    ``keep``), shards (not in ``index_files``, by default those the published index files
+    reference), and temporary files left by a killed run."""
     base = store.mirror_dir(mirror.name)
     if not base.is_dir():
         return []
-    index_files = channel.published_index_files(base)
+    if index_files is None:
+        index_files = channel.published_index_files(base)
     out = []
     for path in sorted(base.rglob("*")):
         if not path.is_file():

@@ -294,9 +294,18 @@ async def test_sync_clean_removes_files_no_longer_listed_after_the_new_index_is_
     config.path.write_text(yaml.safe_dump(data))
     noarch = config.root / "conda-demo" / "noarch"
     shards_before = {p.name for p in (noarch / "shards").iterdir()}
+    tree_before = sorted(config.root.rglob("*"))
+    # The dry run names what the real one removes, the replaced shard included, and touches nothing.
+    code, out, _ = await cli("sync", "-c", str(config.path), "--clean", "--dry-run")
+    would = sorted(line.split()[1] for line in out.splitlines() if line.startswith("  remove "))
+    assert code == 0 and "3 to remove" in out and len(would) == 3
+    assert sorted(config.root.rglob("*")) == tree_before
     code, out, _ = await cli("sync", "-c", str(config.path), "--clean", "--quiet")
     # The stray file, the demo-bsd package, and demo-bsd's shard that no index references now.
     assert code == 0 and "3 removed" in out
+    assert all(not (config.root / "conda-demo" / relpath).exists() for relpath in would)
+    assert [p for p in would if "/shards/" in p] == [f"noarch/shards/{name}" for name in shards_before
+                                                     - {p.name for p in (noarch / "shards").iterdir()}]
     assert not stray.exists() and not list(noarch.glob("demo-bsd-*"))
     assert len(shards_before - {p.name for p in (noarch / "shards").iterdir()}) == 1
     assert not [f for f in listed(config.root, "noarch") if f.startswith("demo-bsd-")]

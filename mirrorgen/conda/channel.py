@@ -288,6 +288,25 @@ class CondaChannel:
             state["published"] = published
         return state
 
+    def index_files_after(self, kept: Iterable[CondaRecord], mirror_dir: Path,
+                          state: dict[str, Any] | None) -> set[str]:
+        """:meth:`published_index_files` as they would be once ``kept`` is published (``sync
+        --dry-run --clean``). Nothing is written: each shard last run's cannot stand for is
+        encoded in memory, to learn its name."""
+        from .shards import shard_relpath
+
+        assert self.index is not None
+        rendering = self.render(kept, mirror_dir, state)
+        for _ in rendering.new:
+            pass
+        after = {"channeldata.json"}
+        for subdir, cache in self._state["shards"].items():
+            after.update(f"{subdir}/{name}" for name in _PUBLISHED_NAMES[True])
+            after.update(f"{subdir}/{shard_relpath(bytes.fromhex(digest))}" for _, digest in cache.values())
+        # A subdir the new index leaves out keeps what its files on disk reference.
+        return after | {relpath for relpath in self.published_index_files(mirror_dir)
+                        if relpath.partition("/")[0] not in self.index.subdirs and "/" in relpath}
+
     # -- reading back what was published (verify, clean) -----------------------------------------
 
     @staticmethod
