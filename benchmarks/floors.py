@@ -54,7 +54,7 @@ BLOCK: Final = 4096
 _LENGTH: Final = re.compile(rb"(?i)\r\ncontent-length:[ \t]*(\d+)")
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
 _NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-# As mirrorgen.transport's: smaller downloads are written buffered. The floors import nothing of
+# As mirrorgen.sink's: smaller downloads are written buffered. The floors import nothing of
 # mirrorgen (its store's write_direct included), so a floor's child starts as a bare interpreter.
 _DIRECT_MIN: Final = 16 << 10
 

@@ -67,7 +67,7 @@ _MANIFEST_ENCODER: Final = msgspec.json.Encoder()
 
 def hash_file(path: Path | str, *, md5: bool = True) -> tuple[str, str | None]:
     """sha256 (and md5) of a file already on disk, read once: for files a crash left unrecorded
-    and for ``verify``. Downloads hash while they stream instead (mirrorgen.transport)."""
+    and for ``verify``. Downloads hash while they stream instead (mirrorgen.sink)."""
     h_sha = hashlib.sha256()
     h_md5 = hashlib.md5(usedforsecurity=False) if md5 else None
     with open(path, "rb") as fh:
@@ -683,7 +683,7 @@ def _sync_filesystem(path: Path | str) -> None:
 
 # -- direct writes (downloads of 16 KiB or more) ---------------------------------------------------
 #
-# A download of at least mirrorgen.transport's _DIRECT_MIN (16 KiB) is written with O_DIRECT:
+# A download of at least mirrorgen.sink's DIRECT_MIN (16 KiB) is written with O_DIRECT:
 # from the download thread's buffer to the disk, not copied into the page cache first. The run
 # must make every file durable before publishing it anyway, so the page cache only held the
 # bytes until the group commit's sync wrote them; and on

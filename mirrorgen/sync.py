@@ -355,7 +355,7 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     found: list[FetchRequest] = []
     for record, relpath, path in todo:
         size, sha256, md5 = channel.expected(record)
-        # A hash upstream gives is always checked (mirrorgen.transport._Hasher); what
+        # A hash upstream gives is always checked (mirrorgen.sink.Hasher); what
         # verify_checksums: false allows is a file it gives none for, checked by size alone.
         if mirror.verify_checksums and not sha256 and not md5:
             result.failed[relpath] = "upstream publishes no sha256 or md5 for this file"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
-__all__ = ["redact", "join_url", "is_remote", "basic_credentials"]
+__all__ = ["redact", "join_url", "is_remote", "local_path", "basic_credentials"]
 
 # anaconda.org / Anaconda Platform put the access token in the path: .../t/<TOKEN>/...
 _TOKEN_RE: Final = re.compile(r"/t/[^/]+(?=/|$)")
@@ -43,3 +44,12 @@ def join_url(base: str, *parts: str) -> str:
 
 def is_remote(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def local_path(source: str) -> Path | None:
+    """The filesystem path of a file:// URL or a plain path; None for http(s)."""
+    if is_remote(source):
+        return None
+    if source.startswith("file://"):
+        return Path(unquote(urlsplit(source).path))  # config allows only file:/// and file://localhost/
+    return Path(source)

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import bench_metadata, common, floors, synth
 from benchmarks.common import Mirrorgen, REPO, serve_nginx
-from mirrorgen import transport
+from mirrorgen import sink
 
 
 def test_synthetic_records_are_distinct_deterministic_and_a_prefix_of_larger_runs() -> None:
@@ -49,7 +49,7 @@ def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
     synth.generate_conda(up, 40, files=True, size_range=(1, 600 << 10))
     listed = tmp_path / "files.json"
     files = floors.listing(up, ["linux-64", "noarch"], listed)
-    assert floors._DIRECT_MIN == transport._DIRECT_MIN  # the floor writes as mirrorgen does
+    assert floors._DIRECT_MIN == sink.DIRECT_MIN  # the floor writes as mirrorgen does
     assert len(files) == 40 and any(size >= floors._DIRECT_MIN for _, size, _ in files)
     with serve_nginx(up, tmp_path / "nginx") as server:
         assert floors.main(["receive", server.base_url, str(listed), "3"]) == 0

@@ -21,11 +21,12 @@ import pytest
 from aiohttp import web
 
 import mirrorgen.store as store_module
-import mirrorgen.transport as transport_module
+import mirrorgen.sink as sink_module
 from mirrorgen.errors import SizeMismatch, UpstreamError
 from mirrorgen.store import TEMP_PREFIX, Manifest, Store, is_direct, unnamed_temps
 from mirrorgen.sync import sync_mirror
-from mirrorgen.transport import BUFFER, FetchRequest, GroupCommit, Staged, Transport
+from mirrorgen.sink import BUFFER
+from mirrorgen.transport import FetchRequest, GroupCommit, Staged, Transport
 from mirrorgen.verify import verify_mirror
 
 
@@ -186,7 +187,7 @@ async def test_a_file_failing_verification_leaves_the_rest_of_its_batch_committe
 
 # -- the download threads against a hand-made upstream ---------------------------------------
 
-DIRECT_MIN = transport_module._DIRECT_MIN  # the threshold under test
+DIRECT_MIN = sink_module.DIRECT_MIN  # the threshold under test
 BLOB = os.urandom(3 * (1 << 20) + 12345)   # larger than a thread's buffer: several reads
 SMALL = os.urandom(70_000)
 
@@ -297,7 +298,7 @@ async def test_a_large_download_goes_to_disk_direct_but_its_last_partial_block_t
         writes.append((n, offset, last, is_direct(fd)))
         return store_module.write_direct(fd, buf, n, offset, last=last)
 
-    monkeypatch.setattr(transport_module, "write_direct", write_direct)
+    monkeypatch.setattr(sink_module, "write_direct", write_direct)
     truncated: list[int] = []  # a truncate inside a direct-written block reads it back from disk
     real_ftruncate = os.ftruncate
     monkeypatch.setattr(os, "ftruncate",

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
-from mirrorgen.transport import FetchRequest, Staged, Transport, _header_end
+from mirrorgen.http1 import header_end
+from mirrorgen.transport import FetchRequest, Staged, Transport
 
 FILES = {f"/c/pkg-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (20 + i % 50) for i in range(120)}
-# Larger than a small file (mirrorgen.transport._SMALL_FILE): fetched by every thread, the first
+# Larger than a small file (mirrorgen.lanes._SMALL_FILE): fetched by every thread, the first
 # read of each response limited to its headers' likely size.
 LARGE = {f"/c/big-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (3000 + 3000 * i)
          for i in range(4)}
@@ -206,14 +207,15 @@ async def test_large_and_small_files_arrive_whole_whatever_the_length_of_their_h
 def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(
         url: str, proxy: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     from mirrorgen.httpproxy import Routes
-    from mirrorgen.transport import _encode_request, _host_header, _Lane, _prepare
+    from mirrorgen.http1 import encode_request, host_header, prepare
+    from mirrorgen.lanes import Lane
 
     if proxy is not None:
         monkeypatch.setenv("http_proxy", proxy)
-    lane = _Lane.__new__(_Lane)  # no thread: only its request cache
+    lane = Lane.__new__(Lane)  # no thread: only its request cache
     lane._bases, lane.routes = {}, Routes()
-    key, target, headers = _prepare(url, url, lane.routes)
-    want = (key, _encode_request(target, _host_header(key), headers))
+    key, target, headers = prepare(url, url, lane.routes)
+    want = (key, encode_request(target, host_header(key), headers))
     assert lane._encode(url, url) == want
     assert lane._encode(url, url) == want  # from the cache the second time
     # Through a proxy, plain http names the whole URL and carries the proxy's credentials.
@@ -230,4 +232,4 @@ def test_requests_built_per_directory_are_the_requests_built_from_the_whole_url(
     (b"HTTP/1.1 200 OK\r\nA: b\r\n", -1),                        # not yet complete
 ])
 def test_the_header_block_ends_at_its_first_empty_line(data: bytes, end: int) -> None:
-    assert _header_end(bytearray(data), 0) == end
+    assert header_end(bytearray(data), 0) == end

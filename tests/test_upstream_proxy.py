@@ -19,7 +19,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from mirrorgen import transport
+from mirrorgen import http1, transport
 from mirrorgen.errors import UpstreamError
 from mirrorgen.httpproxy import _bypassed
 from mirrorgen.store import Store
@@ -36,9 +36,9 @@ PACKAGES = (".conda", ".tar.bz2")
 def fresh_tls_context() -> Iterator[None]:
     """The TLS context is made once per process: here once per test, each with its SSL_CERT_FILE.
     (No proxy variable from the machine reaches a test: see conftest.)"""
-    transport._ssl_context.cache_clear()
+    http1.ssl_context.cache_clear()
     yield
-    transport._ssl_context.cache_clear()
+    http1.ssl_context.cache_clear()
 
 
 @pytest.fixture(scope="module")

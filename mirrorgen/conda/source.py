@@ -22,7 +22,8 @@ import zstandard
 from ..config import MirrorConfig
 from ..errors import RepodataError, UpstreamError
 from ..platforms import KNOWN_SUBDIRS
-from ..transport import Transport, local_path
+from ..transport import Transport
+from ..urls import local_path
 from ..urls import join_url, redact
 from .record import CondaRecord, RepodataDocument, RepodataRecords
 
