@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from .config import MirrorConfig
-from .store import Manifest, Store
+from .manifest import Manifest
+from .store import Store
 from .sync import channel_for, stray_files
 
 __all__ = ["clean_mirror"]

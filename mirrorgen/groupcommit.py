@@ -12,7 +12,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .store import Entry, Store, Temp, discard_temp
+from .manifest import Entry
+from .store import Store
+from .tempfiles import Temp, discard_temp
 
 __all__ = ["Staged", "GroupCommit"]
 

@@ -12,8 +12,10 @@ from typing import Final
 from .errors import ChecksumMismatch, SizeMismatch, UpstreamError, naming
 from .fdio import write_all
 from .groupcommit import Staged
-from .store import (DIRECT_ALIGN, Entry, Store, Temp, close_written, discard_temp, is_direct,
-                    start_writeback, write_direct)
+from .direct import DIRECT_ALIGN, is_direct, start_writeback, write_direct
+from .manifest import Entry
+from .store import Store
+from .tempfiles import Temp, close_written, discard_temp
 from .urls import redact
 
 __all__ = ["Sink", "Hasher", "copy_local", "BUFFER", "DIRECT_MIN"]
@@ -22,7 +24,7 @@ __all__ = ["Sink", "Hasher", "copy_local", "BUFFER", "DIRECT_MIN"]
 # for the whole of it, so the Python between them costs nothing next to the work.
 BUFFER: Final = 1 << 20
 # Files of at least this size (by the index) are written with O_DIRECT, a whole BUFFER at a time
-# (see mirrorgen.store, "direct writes"); smaller ones, a write per packet received, through the
+# (see mirrorgen.direct); smaller ones, a write per packet received, through the
 # page cache: a direct write waits for the disk, and under four blocks there is little to skip.
 # At 256 KiB, files of 16-256 KiB (6% of benchmark 4's gigabyte) still cost 0.2 s of system
 # time filling new page-cache pages; at 16 KiB the run's median fell from 1.43 s to 1.29 s
@@ -87,7 +89,7 @@ class Sink:
 
     def write_direct(self, buf: memoryview, n: int, *, last: bool) -> None:
         """The first ``n`` bytes of ``buf`` (page-aligned, ``n`` a multiple of DIRECT_ALIGN
-        unless ``last``) to a direct file: see :func:`mirrorgen.store.write_direct`."""
+        unless ``last``) to a direct file: see :func:`mirrorgen.direct.write_direct`."""
         assert last or n % DIRECT_ALIGN == 0
         self.hasher.update(buf[:n])
         if not write_direct(self.fd, buf, n, self.written, last=last):

@@ -26,7 +26,9 @@ from .errors import ConfigError, MirrorError, UnsafePath, UsageError, describe_o
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
-from .store import COMMIT_GROUP, Entry, Manifest, Store, Temp, fsync_path, hash_file
+from .manifest import Entry, Manifest, hash_file
+from .store import COMMIT_GROUP, Store
+from .tempfiles import Temp, fsync_path
 from .transport import FetchRequest, GroupCommit, Staged, Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]

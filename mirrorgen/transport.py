@@ -11,10 +11,10 @@ fetched start to end by one of the threads: the body is received straight into
 one reused buffer, hashed and written from there, in calls that release the GIL, so the event loop
 never waits for a disk or a hash, and a byte is copied only from the socket and into the page
 cache; a large file (``DIRECT_MIN``) not even there: it goes from the buffer to the disk
-(O_DIRECT, see mirrorgen.store). Small files go to one thread, which pipelines their requests
+(O_DIRECT, see mirrorgen.direct). Small files go to one thread, which pipelines their requests
 (sends up to 32 ahead on its connection) instead of waiting a round trip for each; large ones
 to every thread (see :meth:`Batch.take`). A verified file stays a temporary file (mostly an
-unnamed one, see :class:`mirrorgen.store.OpenTemp`) until :class:`GroupCommit` publishes it with
+unnamed one, see :class:`mirrorgen.tempfiles.OpenTemp`) until :class:`GroupCommit` publishes it with
 a batch of others: one filesystem sync for the batch instead of two fsyncs per file.
 """
 
@@ -35,7 +35,8 @@ from .errors import MirrorError, UpstreamError
 from .groupcommit import GroupCommit, Staged
 from .httpproxy import Routes
 from .lanes import MAX_BACKOFF, RETRY_STATUS, Batch, FetchRequest, Job, Lane, Retry
-from .store import Entry, Store
+from .manifest import Entry
+from .store import Store
 from .urls import local_path, redact
 
 # Staged, GroupCommit, FetchRequest and local_path live in their own modules; they are named here

@@ -13,7 +13,8 @@ from typing import Any
 
 from .config import MirrorConfig
 from .errors import LockedError
-from .store import Store, hash_file
+from .manifest import hash_file
+from .store import Store
 from .sync import channel_for
 
 __all__ = ["VerifyResult", "verify_mirror"]

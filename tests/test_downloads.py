@@ -20,10 +20,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-import mirrorgen.store as store_module
+import mirrorgen.direct as direct_module
 import mirrorgen.sink as sink_module
 from mirrorgen.errors import SizeMismatch, UpstreamError
-from mirrorgen.store import TEMP_PREFIX, Manifest, Store, is_direct, unnamed_temps
+from mirrorgen.direct import is_direct
+from mirrorgen.manifest import Manifest
+from mirrorgen.store import Store
+from mirrorgen.tempfiles import TEMP_PREFIX, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.sink import BUFFER
 from mirrorgen.transport import FetchRequest, GroupCommit, Staged, Transport
@@ -54,10 +57,10 @@ async def killed_sync(config, when: str, *, anonymous: bool = True) -> int:  # t
     ``anonymous`` False: no O_TMPFILE files, every download under a temporary name."""
     code = f"""
 import os, signal, sys
-import mirrorgen.store
+import mirrorgen.tempfiles
 from mirrorgen.store import Store
 if not {anonymous!r}:
-    mirrorgen.store._ANONYMOUS.limit = 0
+    mirrorgen.tempfiles.ANONYMOUS.limit = 0
 original = Store.publish_temps
 def publish_temps(self, items):
     if not any(str(final).endswith((".conda", ".tar.bz2")) for _, final in items):
@@ -296,7 +299,7 @@ async def test_a_large_download_goes_to_disk_direct_but_its_last_partial_block_t
 
     def write_direct(fd: int, buf: memoryview, n: int, offset: int, *, last: bool) -> bool:
         writes.append((n, offset, last, is_direct(fd)))
-        return store_module.write_direct(fd, buf, n, offset, last=last)
+        return direct_module.write_direct(fd, buf, n, offset, last=last)
 
     monkeypatch.setattr(sink_module, "write_direct", write_direct)
     truncated: list[int] = []  # a truncate inside a direct-written block reads it back from disk
@@ -339,13 +342,13 @@ async def test_a_filesystem_that_refuses_direct_writes_gets_plain_ones(
         for name in ("a", "b", "a"):
             final, _ = await fetch(f"{base}/plain/blob", tmp_path / name, BLOB)
             assert final.read_bytes() == BLOB and not temps(tmp_path)
-            assert os.path.dirname(final) in store_module._NO_DIRECT
+            assert os.path.dirname(final) in direct_module.NO_DIRECT
     assert opened.count(True) == 2  # once per directory ("a" twice), then not tried there again
 
     if refuses_direct_writes(tmp_path):
         return
     refused: list[int] = []
-    real_write_all = store_module.write_all
+    real_write_all = direct_module.write_all
 
     def write_all_refusing_direct(fd: int, view: memoryview) -> None:
         if is_direct(fd):
@@ -353,7 +356,7 @@ async def test_a_filesystem_that_refuses_direct_writes_gets_plain_ones(
             raise OSError(errno.EINVAL, "Invalid argument")
         real_write_all(fd, view)
 
-    monkeypatch.setattr(store_module, "write_all", write_all_refusing_direct)
+    monkeypatch.setattr(direct_module, "write_all", write_all_refusing_direct)
     final, verified = await fetch(f"{base}/plain/blob", tmp_path / "c", BLOB)
     assert final.read_bytes() == BLOB and verified.entry.size == len(BLOB) and not temps(tmp_path)
     assert len(refused) == 1  # the first write; the rest went in plain

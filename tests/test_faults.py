@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from mirrorgen.errors import RepodataError, UpstreamError
-from mirrorgen.store import Store, TEMP_PREFIX, unnamed_temps
+from mirrorgen.store import Store
+from mirrorgen.tempfiles import TEMP_PREFIX, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.verify import verify_mirror
 from tests.support.cli import cli

@@ -16,7 +16,8 @@ from mirrorgen.conda.shards import decode_shard, decode_shard_index
 from mirrorgen.conda.source import parse_repodata
 from mirrorgen.conda.writer import plan_shards, render_repodata, render_shards
 from mirrorgen.config import Config, MirrorConfig
-from mirrorgen.store import Manifest, Store
+from mirrorgen.manifest import Manifest
+from mirrorgen.store import Store
 from mirrorgen.sync import RunResult, sync_mirror
 from mirrorgen.workers import WorkerError, WorkerPool
 

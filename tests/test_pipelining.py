@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
+from mirrorgen.store import Store
+from mirrorgen.tempfiles import TEMP_PREFIX, unnamed_temps
 from mirrorgen.http1 import header_end
 from mirrorgen.transport import FetchRequest, Staged, Transport
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from mirrorgen.conda import writer
-from mirrorgen.store import TEMP_PREFIX, Store, unnamed_temps
+from mirrorgen.store import Store
+from mirrorgen.tempfiles import TEMP_PREFIX, unnamed_temps
 from mirrorgen.sync import sync_mirror
 from mirrorgen.workers import WorkerPool
 

@@ -1,4 +1,4 @@
-"""Staged files with no name (O_TMPFILE, mirrorgen.store.OpenTemp) and the named fallback: what
+"""Staged files with no name (O_TMPFILE, mirrorgen.tempfiles.OpenTemp) and the named fallback: what
 the tree shows before and after a group commit, and that no descriptor is left open."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mirrorgen import store as store_module
-from mirrorgen.store import TEMP_PREFIX, OpenTemp, Store, unnamed_temps
+from mirrorgen import tempfiles
+from mirrorgen.store import Store
+from mirrorgen.tempfiles import TEMP_PREFIX, OpenTemp, unnamed_temps
 
 
 def named_temps(root: Path) -> list[Path]:
@@ -70,7 +71,7 @@ def test_past_the_descriptor_limit_files_get_temporary_names(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(tmp_path)
     Store.discard_temps(store.stage_batch(items(tmp_path, 1)))  # sets the limit
-    monkeypatch.setattr(store_module._ANONYMOUS, "limit", 5)
+    monkeypatch.setattr(tempfiles.ANONYMOUS, "limit", 5)
     temps = store.stage_batch(items(tmp_path, 12))
     kinds = [isinstance(tmp, OpenTemp) for tmp, _ in temps]
     assert kinds == [True] * 5 + [False] * 7
@@ -81,7 +82,7 @@ def test_past_the_descriptor_limit_files_get_temporary_names(tmp_path: Path,
 
 
 def test_without_o_tmpfile_files_get_temporary_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "_O_TMPFILE", 0)
+    monkeypatch.setattr(tempfiles, "_O_TMPFILE", 0)
     store = Store(tmp_path)
     temps = store.stage_batch(items(tmp_path, 4))
     assert all(isinstance(tmp, Path) for tmp, _ in temps) and len(named_temps(tmp_path)) == 4
@@ -92,7 +93,7 @@ def test_without_o_tmpfile_files_get_temporary_names(tmp_path: Path, monkeypatch
 def test_the_descriptor_limit_leaves_most_descriptors_to_the_rest() -> None:
     import resource
 
-    limit = store_module._AnonymousFiles()._init_limit()
+    limit = tempfiles._AnonymousFiles()._init_limit()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert 0 < limit <= min(16384, soft // 2)
 
@@ -100,11 +101,11 @@ def test_the_descriptor_limit_leaves_most_descriptors_to_the_rest() -> None:
 @pytest.mark.parametrize("held", [True, False], ids=["libc-keeping-the-GIL", "os-functions"])
 def test_linking_and_closing_unnamed_temps_with_and_without_ctypes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool) -> None:
-    calls = store_module._HeldCalls()
+    calls = tempfiles._HeldCalls()
     if not held:  # no ctypes or no libc: the os functions
         calls._linkat = calls._close = None
     assert (calls._linkat is not None) is held
-    monkeypatch.setattr(store_module, "_HELD", calls)
+    monkeypatch.setattr(tempfiles, "_HELD", calls)
     store = Store(tmp_path)
     before = open_fds()
     store.publish_temps(store.stage_batch(items(tmp_path, 6)))

@@ -17,7 +17,7 @@ from typing import Any, Final
 import orjson
 
 from ..config import MirrorConfig
-from ..store import hash_file
+from ..manifest import hash_file
 from ..transport import Transport
 from ..urls import join_url
 from .matchspec import CondaEcosystem
