@@ -1,6 +1,7 @@
 """The download threads: each a lane, holding kept-alive connections (mirrorgen.http1), fetching
-the files of one :meth:`mirrorgen.transport.Transport.fetch_many` batch start to end, with
-retries, and handing each verified file (a :class:`mirrorgen.groupcommit.Staged`) to the loop."""
+the files of one :meth:`mirrorgen.transport.Transport.fetch_many` batch (mirrorgen.batch) start
+to end, with retries, and handing each verified file (a :class:`mirrorgen.groupcommit.Staged`)
+to the loop."""
 
 from __future__ import annotations
 
@@ -9,157 +10,29 @@ import contextlib
 import itertools
 import mmap
 import queue
-import random
-import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import quote, urljoin
 
+from .batch import (PIPELINE_LARGE, PIPELINE_SMALL, RETRY_STATUS, SMALL_FILE, Batch, Cancelled,
+                    FetchRequest, Job, Retry)
 from .errors import MirrorError, SizeMismatch, UpstreamError
 from .groupcommit import Staged
 from .http1 import CHUNK, PATH_SAFE, Connection, Response, describe, encode_request, host_header, prepare
 from .httpproxy import ProxyRefused, Routes
 from .sink import BUFFER, DIRECT_MIN, Hasher, Sink, copy_local
-from .store import Store
 from .urls import is_remote, local_path, redact
 
-__all__ = ["Lane", "Batch", "Job", "FetchRequest", "Retry", "Cancelled", "RETRY_STATUS", "MAX_BACKOFF"]
+__all__ = ["Lane"]
 
-RETRY_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS: Final = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS: Final = 10
-# Files up to this size go to the first download thread, which sends up to _PIPELINE_SMALL
-# requests ahead of the response it is reading; larger ones to every thread, _PIPELINE_LARGE
-# ahead. See Batch.take.
-_SMALL_FILE: Final = 64 << 10
 # The first read of a larger file's response: its headers and a little of its body. A read of
 # CHUNK would bring up to 256 KB of body with them, which is then copied three times on its way
 # through ``conn.pending`` to the download buffer, where the rest of the body is received directly.
 _HEAD_READ: Final = 16 << 10
-_PIPELINE_SMALL: Final = 32
-_PIPELINE_LARGE: Final = 1
-# A thread wakes the loop (mirrorgen.transport, fetch_many) when this many outcomes wait.
-_WAKE_AFTER: Final = 256
-MAX_BACKOFF: Final = 30.0
-
-
-class Retry(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class FetchRequest:
-    """One file for :meth:`Transport.fetch_many`; ``key`` is the caller's, handed back."""
-    key: Any
-    url: str
-    final: Path | str
-    size: int | None
-    sha256: str | None
-    md5: str | None
-
-
-class Batch:
-    """The shared state of one :meth:`Transport.fetch_many`: the requests left, the outcomes
-    done, and how the threads wake the loop (once per batch of outcomes, not once per file)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, requests: Iterable[FetchRequest],
-                 store: Store, retries: int, backoff: float) -> None:
-        self.loop, self.store = loop, store
-        self.small: deque[FetchRequest] = deque()
-        self.large: deque[FetchRequest] = deque()
-        for request in requests:
-            small = request.size is not None and request.size <= _SMALL_FILE
-            (self.small if small else self.large).append(request)
-        self.count = len(self.small) + len(self.large)
-        # Set when an upstream would not take pipelined requests: small files are then shared
-        # by every thread, each round trip carrying one.
-        self.unpipelined = False
-        self.retries, self.backoff = retries, backoff
-        self.outcomes: deque[tuple[FetchRequest, Staged | MirrorError]] = deque()
-        self.ready = asyncio.Event()
-        self.woken = False
-        self.stopped = threading.Event()
-        self._lock = threading.Lock()
-        self.jobs: set[Job] = set()
-
-    def take(self, first: bool, held: int = 0) -> FetchRequest | None:
-        """The next request for a thread that holds ``held`` requests taken ahead; None when
-        there is none for it.
-
-        Small files go to the first thread, up to _PIPELINE_SMALL at a time: a file of a few
-        kilobytes costs far less than a round trip to fetch, and more threads at it would mostly
-        contend for the GIL (measured: 20,000 files of 4.5 KB took 0.74 s in one thread, 1.2 s
-        in two). Large files, which hashing and writing keep busy outside the GIL, go to every
-        thread, _PIPELINE_LARGE at a time, so that no thread sits on files the others could
-        fetch. deque.popleft is atomic: no lock."""
-        if first or self.unpipelined:
-            with contextlib.suppress(IndexError):
-                return self.small.popleft()
-        if held >= _PIPELINE_LARGE:
-            return None
-        try:
-            return self.large.popleft()
-        except IndexError:
-            return None
-
-    def deliver(self, request: FetchRequest, outcome: Staged | MirrorError) -> None:
-        """From a thread: one outcome; the loop is woken when _WAKE_AFTER are waiting (unless a
-        wake-up is on its way), else it comes for them within _POLL seconds."""
-        self.outcomes.append((request, outcome))
-        if not self.woken and len(self.outcomes) >= _WAKE_AFTER:
-            self.woken = True
-            try:
-                self.loop.call_soon_threadsafe(self.ready.set)
-            except RuntimeError:  # the loop is closed: nobody will take it
-                pass
-
-    def stop(self) -> None:
-        self.stopped.set()
-        with self._lock:
-            jobs = list(self.jobs)
-        for job in jobs:
-            job.cancel()
-
-    def started(self, job: Job) -> None:
-        with self._lock:
-            self.jobs.add(job)
-        if self.stopped.is_set():
-            job.cancel()
-
-    def ended(self, job: Job) -> None:
-        with self._lock:
-            self.jobs.discard(job)
-
-    def pause(self, attempt: int) -> bool:
-        """Sleep before retry ``attempt`` (as Transport._backoff); False if stopped meanwhile."""
-        delay = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF) * (0.5 + random.random() / 2)
-        return not self.stopped.wait(delay)
-
-
-class Job:
-    """One download handed to a lane; ``cancel`` (from the loop) makes the lane drop it."""
-
-    def __init__(self, url: str, final: Path | str | None, batch: Batch | None, size: int | None,
-                 hasher: Hasher | None) -> None:
-        self.url, self.final, self.batch, self.size, self.hasher = url, final, batch, size, hasher
-        self.cancelled = False
-        self.sock: socket.socket | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        sock = self.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread if it is waiting on upstream
-
-
-class Cancelled(Exception):
-    pass
 
 
 class Lane:
@@ -454,7 +327,7 @@ class Lane:
                     conn.send([data])
                 if pipeline and key not in self.serial:
                     self._send_ahead(job, key, conn)
-                large = job.size is not None and job.size > _SMALL_FILE
+                large = job.size is not None and job.size > SMALL_FILE
                 resp = conn.response(data, head=head, read=_HEAD_READ if large else CHUNK)
                 if resp.will_close and conn.answered == 1 and conn.inflight and job.batch is not None:
                     # A new connection that closes after one response, with requests sent
@@ -480,7 +353,7 @@ class Lane:
         order requests were sent, and the lane reads them in the order it takes requests."""
         batch = job.batch
         assert batch is not None  # only a fetch's requests are pipelined
-        depth = _PIPELINE_SMALL if self.first else _PIPELINE_LARGE
+        depth = PIPELINE_SMALL if self.first else PIPELINE_LARGE
         if len(conn.inflight) > depth // 2 + 1:
             return  # enough on their way: more later, many per system call
         ahead = self.ahead

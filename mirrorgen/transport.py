@@ -31,10 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from .batch import MAX_BACKOFF, RETRY_STATUS, Batch, FetchRequest, Job, Retry
 from .errors import MirrorError, UpstreamError
 from .groupcommit import GroupCommit, Staged
 from .httpproxy import Routes
-from .lanes import MAX_BACKOFF, RETRY_STATUS, Batch, FetchRequest, Job, Lane, Retry
+from .lanes import Lane
 from .manifest import Entry
 from .store import Store
 from .urls import local_path, redact

@@ -26,7 +26,7 @@ from mirrorgen.http1 import header_end
 from mirrorgen.transport import FetchRequest, Staged, Transport
 
 FILES = {f"/c/pkg-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (20 + i % 50) for i in range(120)}
-# Larger than a small file (mirrorgen.lanes._SMALL_FILE): fetched by every thread, the first
+# Larger than a small file (mirrorgen.batch.SMALL_FILE): fetched by every thread, the first
 # read of each response limited to its headers' likely size.
 LARGE = {f"/c/big-{i}-1.0-0.conda": hashlib.sha256(str(i).encode()).digest() * (3000 + 3000 * i)
          for i in range(4)}
