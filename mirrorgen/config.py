@@ -152,11 +152,9 @@ def valid_mirror_name(name: str) -> bool:
     return bool(_NAME_RE.match(name)) and name != ".mirrorgen"
 
 
-
 def _resolve_path(value: str, config_path: Path) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (config_path.parent / p).resolve()
-
 
 
 def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Path) -> MirrorConfig:

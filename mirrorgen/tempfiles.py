@@ -35,7 +35,6 @@ def temp_name(final: Path | str) -> Path:
     return Path(parent, f"{TEMP_PREFIX}{RUN_TAG}{next(_TEMP_COUNTER):x}-{name}"[:NAME_MAX])
 
 
-
 def worker_prefix() -> str:
     """A new name prefix for temporary files made outside this process's staging (by worker
     processes), unique to this call: every file under it is the caller's, and one left behind
@@ -46,6 +45,7 @@ def worker_prefix() -> str:
 def is_run_tag(tag: str) -> bool:
     """Whether ``tag`` (read from a run's state) has the shape of a :data:`RUN_TAG`."""
     return _TEMP_TAG_RE.fullmatch(tag) is not None
+
 
 class OpenTemp:
     """A staged file with no name yet: an ``O_TMPFILE`` in its final directory, held open until
@@ -283,7 +283,6 @@ def sync_filesystem(path: Path | str) -> None:
         finally:
             os.close(fd)
     os.sync()
-
 
 
 def fsync_path(path: Path | str, *, directory: bool = False) -> None:
