@@ -25,7 +25,7 @@ MirrorType = Literal["conda", "pypi", "cran"]
 Mode = Literal["active", "passive"]
 MIRROR_TYPES: Final[tuple[MirrorType, ...]] = ("conda", "pypi", "cran")
 MODES: Final[tuple[Mode, ...]] = ("active", "passive")
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # Keys a mirror entry accepts. The compatibility keys map onto these (see _COMPAT_*).
 _MIRROR_KEYS: Final = frozenset({
@@ -149,7 +149,7 @@ def parse_config(text: str, path: Path) -> Config:
 
 
 def valid_mirror_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name)) and name != ".mirrorgen"
+    return bool(_NAME_RE.fullmatch(name)) and name != ".mirrorgen"
 
 
 def _resolve_path(value: str, config_path: Path) -> Path:

@@ -9,6 +9,8 @@ them is ever shown as a traceback.
 from __future__ import annotations
 
 import os
+import re
+from typing import Final
 
 __all__ = [
     "MirrorError",
@@ -16,13 +18,24 @@ __all__ = [
     "UsageError",
     "UpstreamError",
     "RepodataError",
+    "UnusableRecord",
     "ChecksumMismatch",
     "SizeMismatch",
     "UnsafePath",
     "LockedError",
     "describe_os_error",
     "naming",
+    "one_line",
 ]
+
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Text from outside (an upstream's file name) as a message may show it: on one line, its
+    control characters escaped (``\\n``, ``\\x00``), at most ``limit`` characters of it."""
+    cut = text[:limit]
+    return _CONTROL_RE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), cut)
 
 
 def naming(exc: BaseException, path: str | os.PathLike[str]) -> BaseException:
@@ -81,6 +94,16 @@ class RepodataError(MirrorError, ValueError):
     def __init__(self, url: str, reason: str) -> None:
         self.url, self.reason = url, reason
         super().__init__(f"{url}: malformed index: {reason}")
+
+
+class UnusableRecord(MirrorError, ValueError):
+    """A record upstream lists that cannot be published as it is (not valid JSON to every
+    client): the index is not updated; the message says how to mirror the rest."""
+
+    def __init__(self, fn: str, reason: str) -> None:
+        self.fn, self.reason = fn, reason
+        super().__init__(f"upstream's record {one_line(fn)} cannot be published: {reason} "
+                         "(exclude that package to mirror the rest)")
 
 
 class ChecksumMismatch(MirrorError, ValueError):

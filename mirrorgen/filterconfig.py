@@ -172,11 +172,11 @@ def _pypi_spec_problem(spec: str) -> str | None:
 # and dots, starting with a letter, at least two characters, not ending in a dot) and at most one
 # version constraint in parentheses. No library parses it; this is the whole grammar.
 _CRAN_SPEC_RE: Final = re.compile(
-    r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]\s*(?:\(\s*(?:>=|<=|==|!=|>|<)\s*[0-9]+(?:[.-][0-9]+)*\s*\))?$")
+    r"[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]\s*(?:\(\s*(?:>=|<=|==|!=|>|<)\s*[0-9]+(?:[.-][0-9]+)*\s*\))?")
 
 
 def _cran_spec_problem(spec: str) -> str | None:
-    if _CRAN_SPEC_RE.match(spec):
+    if _CRAN_SPEC_RE.fullmatch(spec):
         return None
     return f"invalid package spec {spec!r} (a name, or a name and a constraint like 'Rcpp (>= 1.0)')"
 

@@ -57,3 +57,8 @@ class Ecosystem(Protocol):
 
     def latest_group(self, record: Any) -> Hashable:
         """Records compared by `latest` share this key (name and subdir for conda)."""
+
+    def unreadable(self, record: Any) -> str | None:
+        """Why a spec could not be tested against the record (upstream wrote a version or name
+        the ecosystem's rules refuse), once a spec tried; else None. Such a record is dropped:
+        it can be neither shown to match an ``only`` spec nor shown not to match an ``exclude``."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, MirrorConfig
-from .errors import ConfigError, MirrorError, UnsafePath, UsageError, describe_os_error
+from .errors import ConfigError, MirrorError, UnsafePath, UsageError, describe_os_error, one_line
 from .filters import FilterOutcome, apply_filters
 from .progress import Progress
 from .report import build_report
@@ -108,6 +108,13 @@ async def sync_mirror(config: Config, mirror: MirrorConfig, store: Store, *, dry
                 with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
                     _status(store, mirror, "failed", started, result, why)
             raise
+        except Exception as exc:  # a defect of ours: shown with its traceback, but the run failed
+            why = f"internal error: {type(exc).__name__}: {one_line(str(exc))}"
+            result.state, result.error = "failed", why
+            if not dry_run:
+                with contextlib.suppress(OSError):
+                    _status(store, mirror, "failed", started, result, why)
+            raise
         finally:
             gc.unfreeze()  # the run's records are garbage now; let the collector see all again
         if not dry_run:
@@ -140,6 +147,10 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
         gc.freeze()
         result.upstream, result.kept = len(records), len(outcome.kept)
         if not outcome.kept:
+            if not records and (rejected := channel.rejected()):  # upstream's fault, not the filters'
+                key, why = min(rejected.items())
+                files = f"{len(rejected)} package file" + ("s" if len(rejected) != 1 else "")
+                raise MirrorError(f"{mirror.name}: upstream lists {files} and none can be mirrored ({key}: {why})")
             raise _empty_result(mirror, outcome)
 
         with result.timed("check"):
@@ -214,8 +225,11 @@ def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, 
         except UnsafePath as exc:
             result.failed[relpath] = str(exc)
             continue
-        size, sha256, md5 = channel.expected(record)
-        if manifest.trusted(relpath, path, size, sha256, md5):
+        facts = channel.expected(record)
+        if facts.problem is not None:  # a hash or size upstream gives that cannot be checked
+            result.failed[relpath] = facts.problem
+            continue
+        if manifest.trusted(relpath, path, facts.size, facts.sha256, facts.md5):
             result.reused += 1
         else:
             todo.append((record, relpath, path))
@@ -334,7 +348,7 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
     waits under its temporary name until a batch of them is made durable by one filesystem sync
     and renamed; only then is it recorded in the manifest (see :class:`GroupCommit`)."""
-    progress.start(len(todo), sum((channel.expected(r)[0] or 0) for r, _, _ in todo))
+    progress.start(len(todo), sum((channel.expected(r).size or 0) for r, _, _ in todo))
     # Which of them are on disk already, from one listing per directory off the loop: a stat per
     # file on the loop would wait for the directory lock the download threads' creates hold.
     on_disk = await asyncio.to_thread(_names_on_disk, {os.path.dirname(path) for _, _, path in todo})
@@ -356,11 +370,13 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
     requests: list[FetchRequest] = []
     found: list[FetchRequest] = []
     for record, relpath, path in todo:
-        size, sha256, md5 = channel.expected(record)
+        facts = channel.expected(record)  # usable: _plan refused the rest
+        size, sha256, md5 = facts.size, facts.sha256, facts.md5
         # A hash upstream gives is always checked (mirrorgen.sink.Hasher); what
         # verify_checksums: false allows is a file it gives none for, checked by size alone.
-        if mirror.verify_checksums and not sha256 and not md5:
-            result.failed[relpath] = "upstream publishes no sha256 or md5 for this file"
+        if not sha256 and not md5 and (mirror.verify_checksums or size is None):
+            result.failed[relpath] = ("upstream publishes no sha256 or md5 for this file" if size is not None
+                                      else "upstream publishes no sha256, md5 or size for this file")
             progress.advance(0)
             continue
         request = FetchRequest(relpath, channel.file_url(record), path, size, sha256, md5)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import MirrorConfig
 from .errors import LockedError
-from .manifest import hash_file
+from .manifest import Entry, Manifest, hash_file
 from .store import Store
 from .sync import channel_for
 
@@ -38,7 +38,10 @@ class VerifyResult:
         return {**asdict(self), "failed": self.failed}
 
 
-def _check(path: Path, record: dict[str, Any]) -> str | None:
+def _check(path: Path, record: dict[str, Any], recorded: Entry | None) -> str | None:
+    """What is wrong with the file at ``path`` by the index's ``record``, or None. A file the
+    index gives no hash for (mirrored with ``verify_checksums: false``, checked by its size) is
+    held to the sha256 this mirror recorded when it took the file in (``recorded``)."""
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -47,15 +50,19 @@ def _check(path: Path, record: dict[str, Any]) -> str | None:
     if isinstance(want_size, int) and size != want_size:
         return f"size {size}, index says {want_size}"
     sha256, md5 = record.get("sha256"), record.get("md5")
-    got_sha, got_md5 = hash_file(path, md5=not sha256)
-    if isinstance(sha256, str) and sha256:
+    sha256 = sha256 if isinstance(sha256, str) and sha256 else None
+    md5 = md5 if isinstance(md5, str) and md5 else None
+    got_sha, got_md5 = hash_file(path, md5=sha256 is None and md5 is not None)
+    if sha256 is not None:
         if got_sha != sha256.lower():
             return f"sha256 {got_sha}, index says {sha256}"
-    elif isinstance(md5, str) and md5:
+    elif md5 is not None:
         if got_md5 != md5.lower():
             return f"md5 {got_md5}, index says {md5}"
-    else:
-        return "the index gives no hash to check against"
+    elif recorded is None or recorded.sha256 is None:
+        return "the index gives no hash to check against, and none was recorded when it was mirrored"
+    elif got_sha != recorded.sha256:
+        return f"sha256 {got_sha}, recorded as {recorded.sha256} when it was mirrored (the index gives none)"
     return None
 
 
@@ -64,6 +71,7 @@ async def verify_mirror(mirror: MirrorConfig, store: Store) -> VerifyResult:
     base = store.mirror_dir(mirror.name)
     listed = channel.published_files(base)
     result = VerifyResult(mirror.name)
+    recorded = Manifest(store, mirror.name).load().entries
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(max_workers=max(os.cpu_count() or 2, 2)) as pool:
         futures = {}
@@ -72,7 +80,7 @@ async def verify_mirror(mirror: MirrorConfig, store: Store) -> VerifyResult:
             if mirror.mode == "passive" and not path.exists():
                 result.not_fetched += 1
                 continue
-            futures[relpath] = loop.run_in_executor(pool, _check, path, record)
+            futures[relpath] = loop.run_in_executor(pool, _check, path, record, recorded.get(relpath))
         # The index files too: a client trusts them as much as the packages (a shard is named
         # by its own sha256; a .zst must be its repodata.json).
         index_futures = {relpath: loop.run_in_executor(pool, check)

@@ -24,6 +24,7 @@ from typing import IO, Any, Final, cast
 
 import msgpack
 
+from .errors import MirrorError
 from .fdio import write_all
 
 __all__ = ["WorkerPool", "JOBS"]
@@ -201,6 +202,8 @@ class WorkerPool:
         if not isinstance(reply, list) or len(reply) != 2:
             raise WorkerError(f"worker process {proc.pid} exited (code {proc.poll()})")
         status, value = reply
+        if status == "mirror-error":
+            raise MirrorError(value)
         if status != "ok":
             raise WorkerError(f"worker process {proc.pid}: {value}")
         return list(value)
@@ -244,6 +247,8 @@ def main() -> int:
         job, task = cast("list[Any]", message)  # [job name, task], as the parent's _send wrote it
         try:
             _send(stdout, ["ok", JOBS[job](task)])
+        except MirrorError as exc:  # the input's fault (a record no client could read): the
+            _send(stdout, ["mirror-error", str(exc)])  # parent reports it as one line
         except Exception as exc:  # reported to the parent, which raises it there
             _send(stdout, ["error", f"{type(exc).__name__}: {exc}"])
 

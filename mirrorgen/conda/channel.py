@@ -21,14 +21,14 @@ from ..manifest import hash_file
 from ..transport import Transport
 from ..urls import join_url
 from .matchspec import CondaEcosystem
-from .record import CondaRecord
+from .record import CondaRecord, FileFacts
 from .shards import SHARDS_DIR
 from .source import ChannelIndex, CondaSource
 from .writer import ShardPlan, plan_shards, render_channeldata, render_repodata
 
 __all__ = ["CondaChannel", "IndexFile", "Rendering"]
 
-_PACKAGE_RE: Final = re.compile(r"\.(?:conda|tar\.bz2)$")
+_PACKAGE_RE: Final = re.compile(r"\.(?:conda|tar\.bz2)\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +167,10 @@ class CondaChannel:
         return record.key
 
     @staticmethod
-    def expected(record: CondaRecord) -> tuple[int | None, str | None, str | None]:
-        facts = record.files
-        return facts.size, facts.sha256, facts.md5
+    def expected(record: CondaRecord) -> FileFacts:
+        """What upstream says the record's file is (size, sha256, md5), and, in ``problem``, why
+        that cannot be used to check it, if it cannot."""
+        return record.files
 
     @staticmethod
     def is_package_path(relpath: str) -> bool:

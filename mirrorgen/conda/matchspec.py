@@ -31,9 +31,29 @@ class CondaSpec:
     name: str | None
 
     def matches(self, record: CondaRecord) -> bool:
+        """Whether the spec matches ``record``; False for a record rattler cannot read (a version
+        or build it refuses), which is then marked so (:meth:`CondaEcosystem.unreadable`)."""
         if self.name is not None and record.name != self.name:
             return False
-        return self.spec.matches(_package_record(record))
+        built = _package_record(record)
+        return built is not None and self.spec.matches(built)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Put in a record's ``rattler`` slot when rattler refused to build it: why."""
+    reason: str
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is rattler refusing its input: one of its exceptions, or a panic in its Rust
+    code (pyo3's PanicException derives from BaseException, so ``except Exception`` misses it)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 @lru_cache(maxsize=65536)
@@ -41,8 +61,10 @@ def parse_matchspec(text: str) -> CondaSpec:
     """Parse a MatchSpec the way conda does (globs allowed in names); ValueError if invalid."""
     try:
         spec = MatchSpec(text, exact_names_only=False)
-    except Exception as exc:  # rattler raises its own InvalidMatchSpecError (not a ValueError)
-        raise ValueError(str(exc)) from None
+    except BaseException as exc:  # rattler raises its own InvalidMatchSpecError (not a ValueError)
+        if not _refused(exc):
+            raise
+        raise ValueError(_first_line(exc)) from None
     exact = spec.name.as_package_name() if spec.name is not None else None
     return CondaSpec(text=text, spec=spec, name=exact.normalized if exact is not None else None)
 
@@ -51,13 +73,19 @@ def parse_matchspec(text: str) -> CondaSpec:
 def conda_version(text: str) -> Version | None:
     try:
         return Version(text)
-    except Exception:  # an unparsable upstream version sorts first rather than stopping the run
+    except BaseException as exc:  # an unparsable upstream version sorts first, not a stopped run
+        if not _refused(exc):
+            raise
         return None
 
 
-def _package_record(record: CondaRecord) -> PackageRecord:
-    # Built lazily, only for records a spec's name selects, and kept on the record.
+def _package_record(record: CondaRecord) -> PackageRecord | None:
+    """The record as rattler sees it, or None if rattler refuses it (upstream's name, version,
+    build or numbers are not what conda allows). Built lazily, only for records a spec's name
+    selects, and kept on the record (or why it could not be built: :class:`Unreadable`)."""
     cached = record.rattler
+    if isinstance(cached, Unreadable):
+        return None
     if not isinstance(cached, PackageRecord):
         def hexbytes(value: str | None, length: int) -> bytes | None:
             try:
@@ -66,13 +94,19 @@ def _package_record(record: CondaRecord) -> PackageRecord:
                 return None
 
         facts = record.files
-        cached = PackageRecord(
-            name=record.name, version=record.version, build=BuildString(record.build),
-            build_number=record.build_number, subdir=facts.subdir or record.channel_subdir,
-            depends=list(record.depends), constrains=list(record.constrains),
-            sha256=hexbytes(facts.sha256, 64), md5=hexbytes(facts.md5, 32), size=facts.size,
-            license=record.license, license_family=record.license_family,
-        )
+        try:
+            cached = PackageRecord(
+                name=record.name, version=record.version, build=BuildString(record.build),
+                build_number=record.build_number, subdir=facts.subdir or record.channel_subdir,
+                depends=list(record.depends), constrains=list(record.constrains),
+                sha256=hexbytes(facts.sha256, 64), md5=hexbytes(facts.md5, 32), size=facts.size,
+                license=record.license, license_family=record.license_family,
+            )
+        except BaseException as exc:
+            if not _refused(exc):
+                raise
+            record.rattler = Unreadable(f"rattler cannot read it: {_first_line(exc)}")
+            return None
         record.rattler = cached
     return cached
 
@@ -87,7 +121,9 @@ def _python_dependency(dep: str) -> VersionSpec | None | bool:
         return False
     try:
         version = MatchSpec(dep).version
-    except Exception:
+    except BaseException as exc:
+        if not _refused(exc):
+            raise
         return None
     return VersionSpec(version) if version else None
 
@@ -159,6 +195,10 @@ class CondaEcosystem:
 
     def latest_group(self, record: CondaRecord) -> Hashable:
         return (record.name, record.channel_subdir)
+
+    def unreadable(self, record: CondaRecord) -> str | None:
+        cached = record.rattler
+        return cached.reason if isinstance(cached, Unreadable) else None
 
 
 _NO_VERSION: Final = Version("0")

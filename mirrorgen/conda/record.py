@@ -12,6 +12,7 @@ Only the fields declared here are decoded, by msgspec, which keeps a 500,000-rec
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import msgspec
@@ -19,6 +20,7 @@ import msgspec
 __all__ = ["CondaRecord", "FileFacts", "RepodataDocument", "RepodataRecords"]
 
 _EMPTY_LIST: Final = msgspec.Raw(b"[]")
+_LAST_SECOND: Final = 253402300799.0  # 9999-12-31T23:59:59Z
 _STRINGS: Final = msgspec.json.Decoder(list[str])
 
 
@@ -65,10 +67,12 @@ class CondaRecord(msgspec.Struct, gc=False):
     @property
     def seconds(self) -> float | None:
         # Repodata timestamps are milliseconds since 2017 or so, seconds before: anything past
-        # the year 5138 in seconds is taken to be milliseconds.
+        # the year 5138 in seconds is taken to be milliseconds. One that is then still not a time
+        # between 1970 and 9999 (NaN, 1e300, negative) is no timestamp at all.
         if self.timestamp is None:
             return None
-        return self.timestamp / 1000.0 if self.timestamp > 1e11 else float(self.timestamp)
+        seconds = self.timestamp / 1000.0 if self.timestamp > 1e11 else float(self.timestamp)
+        return seconds if 0.0 <= seconds <= _LAST_SECOND else None
 
     def lists_look_right(self) -> bool:
         """depends/constrains are JSON arrays: the cheap check the source makes on every record.
@@ -82,21 +86,34 @@ class CondaRecord(msgspec.Struct, gc=False):
     @property
     def files(self) -> FileFacts:
         try:
-            return _FILE_FACTS.decode(self.raw)
-        except msgspec.DecodeError:
-            # A checksum of the wrong JSON type is no checksum: active mode then refuses the file.
-            return _NO_FACTS
+            facts = _FILE_FACTS.decode(self.raw)
+        except msgspec.DecodeError as exc:
+            # A hash or size of the wrong JSON type is not "no hash": the file cannot be checked
+            # as upstream meant, so it is refused (never fetched on the size alone).
+            return FileFacts(problem=f"upstream's record is unusable: {exc}")
+        if facts.sha256 is not None and not _SHA256_RE.fullmatch(facts.sha256):
+            facts.problem = "upstream's sha256 for this file is not 64 hex digits"
+        elif facts.md5 is not None and not _MD5_RE.fullmatch(facts.md5):
+            facts.problem = "upstream's md5 for this file is not 32 hex digits"
+        elif facts.size is not None and not 0 <= facts.size < 1 << 63:
+            facts.problem = f"upstream's size for this file is out of range: {facts.size}"
+        return facts
 
 
 class FileFacts(msgspec.Struct, gc=False):
+    """What upstream says a package file is; ``problem`` (never decoded): why these facts cannot
+    be used to check the file (a hash of the wrong type or shape, a negative size), or None."""
+
     sha256: str | None = None
     md5: str | None = None
     size: int | None = None
     subdir: str | None = None
+    problem: str | None = msgspec.field(default=None, name="mirrorgen.problem")
 
 
 _FILE_FACTS: Final = msgspec.json.Decoder(FileFacts)
-_NO_FACTS: Final = FileFacts()
+_SHA256_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
+_MD5_RE: Final = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def _strings(raw: msgspec.Raw) -> list[str]:

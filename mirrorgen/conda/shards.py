@@ -25,6 +25,7 @@ import msgspec
 import orjson
 import zstandard
 
+from ..errors import UnusableRecord
 from ..fdio import write_all
 
 __all__ = [
@@ -223,7 +224,13 @@ def pack_shard_source(source: bytes) -> bytes:
     The records are decoded in one call: a call per record would cost more
     than the decoding itself.
     """
-    packages, packages_conda, removed = orjson.loads(source)
+    try:
+        packages, packages_conda, removed = orjson.loads(source)
+    except orjson.JSONDecodeError:
+        unusable = _unusable(source)
+        if unusable is None:  # not a record's fault: the source itself is broken (our defect)
+            raise
+        raise unusable from None
     for records in (packages, packages_conda):
         for record in records.values():
             if type(record) is dict:  # else: not a record at all; mirror it as upstream served it
@@ -233,6 +240,23 @@ def pack_shard_source(source: bytes) -> bytes:
     # "packages.conda" directly. rattler hides records listed in "removed"
     # (CEP-16: "list of strings of keys (filenames) that were removed").
     return _pack({"packages": packages, "packages.conda": packages_conda, "removed": removed})
+
+
+def _unusable(source: bytes) -> UnusableRecord | None:
+    """Which record of a shard's source orjson refused (a number past a double's range, a lone
+    surrogate: JSON that msgspec passed over as raw bytes), as the error to raise; None if none
+    did. Rare: only then are the records decoded one by one, each as the bytes upstream sent."""
+    try:
+        maps = msgspec.json.decode(source, type=tuple[dict[str, msgspec.Raw], dict[str, msgspec.Raw], Any])
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    for records in maps[:2]:
+        for fn, raw in records.items():
+            try:
+                orjson.loads(bytes(raw))
+            except orjson.JSONDecodeError as exc:
+                return UnusableRecord(fn, f"not valid JSON ({exc})")
+    return None
 
 
 def encode_shard_source(source: bytes) -> bytes:

@@ -20,7 +20,7 @@ import orjson
 import zstandard
 
 from ..config import MirrorConfig
-from ..errors import RepodataError, UpstreamError
+from ..errors import RepodataError, UpstreamError, one_line
 from ..platforms import KNOWN_SUBDIRS
 from ..transport import Transport
 from ..urls import local_path
@@ -33,7 +33,7 @@ __all__ = ["CondaSource", "SubdirIndex", "ChannelIndex"]
 _VARIANTS: Final = (("repodata.json.zst", "zst"), ("repodata.json.bz2", "bz2"), ("repodata.json", "json"))
 # name-version-build.ext: rattler refuses a whole index whose file names lack the two dashes.
 _FILENAME_RE: Final = re.compile(
-    r"^[A-Za-z0-9_][A-Za-z0-9_.+!~-]*-[A-Za-z0-9_.+!~]+-[A-Za-z0-9_.+!~]+\.(?:conda|tar\.bz2)$")
+    r"[A-Za-z0-9_][A-Za-z0-9_.+!~-]*-[A-Za-z0-9_.+!~]+-[A-Za-z0-9_.+!~]+\.(?:conda|tar\.bz2)")
 _MAX_INDEX: Final = 4 << 30
 
 _RECORD_DECODER: Final = msgspec.json.Decoder(CondaRecord)
@@ -162,17 +162,19 @@ def parse_repodata(data: bytes, subdir: str, source: int, url: str) -> SubdirInd
     """
     try:
         doc = _DOCUMENT_DECODER.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the second for bad UTF-8
         raise RepodataError(url, str(exc)) from None
+    except RecursionError:
+        raise RepodataError(url, "nested too deeply") from None
     try:
         typed: RepodataRecords | None = _RECORDS_DECODER.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         typed = None
     index = SubdirIndex(subdir, fetched_from=[url])
     info = doc.info if doc.info is not None else (doc.metadata or {})
     index.info = info
-    index.removed = [r for r in doc.removed if isinstance(r, str) and _FILENAME_RE.match(r)]
-    records, rejected, match = index.records, index.rejected, _FILENAME_RE.match
+    index.removed = [r for r in doc.removed if isinstance(r, str) and _FILENAME_RE.fullmatch(r)]
+    records, rejected, match = index.records, index.rejected, _FILENAME_RE.fullmatch
     lists_look_right = CondaRecord.lists_look_right
     prefix = f"{subdir}/"
     for is_conda, packages, decoded in (
@@ -180,15 +182,22 @@ def parse_repodata(data: bytes, subdir: str, source: int, url: str) -> SubdirInd
             (True, doc.packages_conda, typed.packages_conda if typed else None)):
         for fn, raw in packages.items():
             if len(fn) > 255 or not match(fn):
-                rejected[(prefix + fn)[:300]] = "unsafe or unexpected file name"
+                rejected[one_line(prefix + fn)] = "unsafe or unexpected file name"
+                continue
+            if fn.endswith(".conda") is not is_conda:  # one name in both maps would be two files
+                rejected[prefix + fn] = ("a .tar.bz2 file listed under packages.conda" if is_conda
+                                         else "a .conda file listed under packages")
                 continue
             if decoded is not None:
                 record = decoded[fn]
             else:
                 try:
                     record = _RECORD_DECODER.decode(raw)
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     rejected[prefix + fn] = f"malformed record: {exc}"
+                    continue
+                except RecursionError:
+                    rejected[prefix + fn] = "malformed record: nested too deeply"
                     continue
             if not lists_look_right(record):
                 rejected[prefix + fn] = "malformed record: depends/constrains is not a list"

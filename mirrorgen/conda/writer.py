@@ -319,8 +319,9 @@ def render_channeldata(subdirs: Sequence[str], kept: Iterable[CondaRecord],
             value = getattr(best, key)
             if value is not None:
                 entry.setdefault(key, value)
-        if best.timestamp is not None:
-            entry["timestamp"] = int(best.seconds or 0)
+        seconds = best.seconds
+        if seconds is not None:
+            entry["timestamp"] = int(seconds)
         packages[name] = entry
     doc = {"channeldata_version": 1, "packages": packages, "subdirs": sorted(subdirs)}
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)

@@ -64,6 +64,8 @@ def apply_filters(records: Sequence[Any], filters: Filters, eco: Ecosystem) -> F
     else:
         restored, after_policy = _apply_policy(py_ok, current, passed, include, policy, dropped)
 
+    if only or exclude or include:  # records a spec could not be tested against (they never match)
+        after_policy = _drop_unreadable(after_policy, eco, dropped)
     kept = filter_latest(after_policy, filters.latest, eco, dropped)
 
     report = None
@@ -101,3 +103,15 @@ def _apply_policy(py_ok: Sequence[Any], current: list[Any], passed: list[Any], i
         refused_here = {r.key for r in current if id(r) not in allowed}
         dropped.update((k, v) for k, v in policy.items() if k in refused_here)
     return restored, after_policy
+
+
+def _drop_unreadable(kept: list[Any], eco: Ecosystem, dropped: dict[str, tuple[str, str]]) -> list[Any]:
+    """``kept`` less the records a spec could not be tested against (see Ecosystem.unreadable)."""
+    out = []
+    for record in kept:
+        why = eco.unreadable(record)
+        if why is None:
+            out.append(record)
+        else:
+            dropped[record.key] = ("malformed", why)
+    return out
