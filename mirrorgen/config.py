@@ -11,10 +11,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Final, Literal
 
 from .configentry import MirrorEntry, join_key
-from .errors import ConfigError
+from .errors import ConfigError, one_line, shown
 from .filterconfig import Filters, parse_filters
 from .yamlnodes import LocatedDict, LocatedList, load_yaml
 
@@ -43,6 +44,11 @@ _COMPAT_MIRROR_KEYS: Final = frozenset({
     "remote_url", "mirror_dir", "verify_checksum",
 })
 _TOP_KEYS: Final = frozenset({"root", "mirrors"})
+# Past these a setting is a typo, not a choice: a thread per concurrent download, a retry waits
+# up to 30 s, a timeout is per request.
+_MAX_CONCURRENCY: Final = 256
+_MAX_RETRIES: Final = 100
+_MAX_TIMEOUT: Final = 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,7 @@ class Config:
         known = {m.name: m for m in self.mirrors}
         missing = [n for n in names if n not in known]
         if missing:
-            raise ConfigError(f"no mirror named {missing[0]!r} (have: {', '.join(known) or 'none'})",
+            raise ConfigError(f"no mirror named {shown(missing[0])} (have: {', '.join(known) or 'none'})",
                               file=str(self.path), key="--mirror")
         return tuple(known[n] for n in names)
 
@@ -105,12 +111,19 @@ def parse_config(text: str, path: Path) -> Config:
     if not isinstance(root_value, str) or not root_value.strip():
         raise ConfigError("expected a directory path", file=file, line=data.line_of(root_key),
                           key=root_key)
-    root = _resolve_path(root_value, path)
+    try:
+        root = _resolve_path(root_value, path)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=file, line=data.line_of(root_key), key=root_key) from None
     if root_key == "root" and "mirror_dir" in data:
         # A cas-sync file migrates by adding root; a mirror_dir left beside it must agree, or
         # the tree would silently go to one of two places the file names.
         other = data["mirror_dir"]
-        if not isinstance(other, str) or _resolve_path(other, path) != root:
+        try:
+            same = isinstance(other, str) and _resolve_path(other, path) == root
+        except ValueError:
+            same = False
+        if not same:
             raise ConfigError(f"names another directory than root ({root}): give only one of "
                               "root / mirror_dir", file=file, line=data.line_of("mirror_dir"),
                               key="mirror_dir")
@@ -141,7 +154,7 @@ def parse_config(text: str, path: Path) -> Config:
     for prefix, entry, line in items:
         mirror = _parse_mirror(entry, prefix, file, line, path)
         if mirror.name in seen:
-            raise ConfigError(f"duplicate mirror name {mirror.name!r}", file=file, line=line,
+            raise ConfigError(f"duplicate mirror name {shown(mirror.name)}", file=file, line=line,
                               key=join_key(prefix, "name"))
         seen[mirror.name] = prefix
         mirrors.append(mirror)
@@ -153,8 +166,19 @@ def valid_mirror_name(name: str) -> bool:
 
 
 def _resolve_path(value: str, config_path: Path) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (config_path.parent / p).resolve()
+    """``value`` as a directory path (``~`` expanded, relative to the configuration file); a
+    ValueError saying why it cannot be one (a NUL, an unknown ``~user``, unencodable text)."""
+    if "\x00" in value:
+        raise ValueError("not a usable path: it holds a NUL character")
+    try:
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else (config_path.parent / p).resolve()
+        os.fsencode(p)
+    except RuntimeError:  # expanduser: no such user
+        raise ValueError(f"cannot expand {shown(value.split('/', 1)[0])}") from None
+    except (ValueError, UnicodeError) as exc:  # a NUL byte, a lone surrogate
+        raise ValueError(f"not a usable path: {one_line(str(exc), 80)}") from None
+    return p
 
 
 def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Path) -> MirrorConfig:
@@ -173,10 +197,10 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
         raise ConfigError("missing (one of conda, pypi, cran)", file=file, line=data.line,
                           key=join_key(prefix, "type"))
     if mtype not in MIRROR_TYPES:
-        raise e.err("type", f"unknown mirror type {mtype!r} (one of {', '.join(MIRROR_TYPES)})")
+        raise e.err("type", f"unknown mirror type {shown(mtype)} (one of {', '.join(MIRROR_TYPES)})")
     mode = e.string("mode", "active")
     if mode not in MODES:
-        raise e.err("mode", f"unknown mode {mode!r} (active or passive)")
+        raise e.err("mode", f"unknown mode {shown(mode)} (active or passive)")
 
     # name beats dest_channel: a cas-sync file migrates by adding name, and keeps dest_channel.
     name_key = "name" if "name" in data or "dest_channel" not in data else "dest_channel"
@@ -185,7 +209,7 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
         raise ConfigError("missing (the mirror's URL path under root)", file=file, line=data.line,
                           key=join_key(prefix, "name"))
     if not valid_mirror_name(name):
-        raise e.err(name_key, f"{name!r} is not a valid mirror name (letters, digits, '.', '_', '-')")
+        raise e.err(name_key, f"{shown(name)} is not a valid mirror name (letters, digits, '.', '_', '-')")
 
     sources = _sources(e, config_path)
     subdirs = _subdirs(e, mtype)
@@ -216,16 +240,18 @@ def _parse_mirror(data: Any, prefix: str, file: str, line: int, config_path: Pat
         from croniter import croniter  # chosen library for cron syntax
 
         if not croniter.is_valid(schedule):
-            raise e.err("schedule", f"{schedule!r} is not a valid cron expression")
+            raise e.err("schedule", f"{shown(schedule)} is not a valid cron expression")
 
     verify = e.boolean(e.one_of("verify_checksums", "verify_checksum") or "verify_checksums", True)
     timeout = data.get("timeout", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise e.err("timeout", f"expected a positive number of seconds, got {timeout!r}")
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= _MAX_TIMEOUT):  # NaN fails this too
+        raise e.err("timeout", f"expected a number of seconds above 0, at most {_MAX_TIMEOUT}, "
+                               f"got {shown(timeout)}")
     return MirrorConfig(
         name=name, type=mtype, mode=mode, sources=sources, subdirs=subdirs, filters=filters,
-        schedule=schedule, concurrency=e.integer("concurrency", 8) or 8,
-        verify_checksums=verify, retries=e.integer("retries", 4, minimum=0) or 0,
+        schedule=schedule, concurrency=e.integer("concurrency", 8, maximum=_MAX_CONCURRENCY) or 8,
+        verify_checksums=verify, retries=e.integer("retries", 4, minimum=0, maximum=_MAX_RETRIES) or 0,
         timeout=float(timeout), extra=extra, file=file, line=data.line,
     )
 
@@ -250,14 +276,23 @@ def _sources(e: MirrorEntry, config_path: Path) -> tuple[str, ...]:
             scheme, rest = value.split("://", 1)
             scheme = scheme.lower()
             if scheme not in ("http", "https", "file"):
-                raise e.err(key, f"unsupported URL scheme {scheme!r} in {_redact(value)}")
+                raise e.err(key, f"unsupported URL scheme {shown(scheme)} in {_redact(value)}")
             if scheme == "file" and not rest.startswith("/") and not rest.startswith("localhost/"):
                 raise e.err(key, f"{_redact(value)}: a file:// URL needs an absolute path (file:///path)")
             if scheme != "file" and not rest.split("/", 1)[0]:
                 raise e.err(key, f"{_redact(value)}: the URL has no host")
+            if re.search(r"[\x00-\x20\x7f]", value):
+                raise e.err(key, f"{shown(_redact(value))}: a URL holds no spaces or control characters")
+            try:
+                _ = urlsplit(value).port  # urllib checks the host and the port when asked
+            except ValueError as exc:
+                raise e.err(key, f"{_redact(value)}: not a valid URL ({one_line(str(exc), 80)})") from None
             out.append(f"{scheme}://{rest}")
         else:
-            out.append(str(_resolve_path(value, config_path)))
+            try:
+                out.append(str(_resolve_path(value, config_path)))
+            except ValueError as exc:
+                raise e.err(key, str(exc)) from None
     return tuple(out)
 
 
@@ -276,7 +311,7 @@ def _subdirs(e: MirrorEntry, mtype: str) -> tuple[str, ...] | None:
 
     for value in values:
         if value not in KNOWN_SUBDIRS:
-            raise e.err(key, f"unknown subdir {value!r} (e.g. linux-64, osx-arm64, win-64, noarch)")
+            raise e.err(key, f"unknown subdir {shown(value)} (e.g. linux-64, osx-arm64, win-64, noarch)")
     if not values:
         raise e.err(key, "expected at least one subdir")
     # Seed 003: always include noarch — most platform packages need a noarch dependency, and conda

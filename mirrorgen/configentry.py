@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .yamlnodes import LocatedDict, LocatedList
 
 __all__ = ["MirrorEntry", "join_key", "yaml_kind", "one_of"]
@@ -76,23 +76,25 @@ class MirrorEntry:
                               file=self.file, line=data.line_of(key), key=where)
         out = []
         for i, item in enumerate(value):
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            if (isinstance(item, bool) or not isinstance(item, (str, int, float))
+                    or isinstance(item, int) and item.bit_length() > 64):
                 line = value.line_of(i) if isinstance(value, LocatedList) else data.line_of(key)
                 raise ConfigError(f"item {i}: expected a string, got {yaml_kind(item)}",
                                   file=self.file, line=line, key=where)
             out.append((getattr(item, "text", None) or str(item)).strip())
         return tuple(out)
 
-    def integer(self, key: str, default: int | None, *, minimum: int = 1) -> int | None:
+    def integer(self, key: str, default: int | None, *, minimum: int = 1,
+                maximum: int = (1 << 63) - 1) -> int | None:
         value = self.data.get(key, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.err(key, f"expected a whole number >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise self.err(key, f"expected a whole number from {minimum} to {maximum}, got {shown(value)}")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
         if not isinstance(value, bool):
-            raise self.err(key, f"expected true or false, got {value!r}")
+            raise self.err(key, f"expected true or false, got {shown(value)}")
         return value

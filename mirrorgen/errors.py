@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from typing import Final
 
 __all__ = [
@@ -26,9 +27,27 @@ __all__ = [
     "describe_os_error",
     "naming",
     "one_line",
+    "shown",
 ]
 
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+_REPR: Final = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 80, 80, 4, 4
+
+
+def shown(value: object) -> str:
+    """A value from outside (a configuration's, an upstream's) as a message shows it: its repr,
+    cut short, on one line. Never slow and never failing, whatever it is: a number of 5,000 digits
+    (whose repr raises), a list an alias bomb nests a billion times."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return "a number too large to show"
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # a large integer inside a list
+        text = f"a {type(value).__name__}"
+    return one_line(text, 100)
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -71,7 +90,8 @@ class ConfigError(MirrorError, ValueError):
         where = file or "<config>"
         if line is not None:
             where += f":{line}"
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        # One line, whatever the file held: a key or value with a newline is shown escaped.
+        super().__init__(one_line(f"{where}: {key}: {message}" if key else f"{where}: {message}", 2000))
 
 
 class UsageError(MirrorError, ValueError):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .configentry import MirrorEntry, join_key
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .yamlnodes import LocatedDict
 
 __all__ = ["Filters", "FILTER_KEYS", "parse_filters"]
@@ -115,13 +115,13 @@ def parse_filters(e: MirrorEntry, mtype: str) -> Filters:
             k = "licenses" if "licenses" in data else next(
                 (k for k in ("license_blacklist", "license_blocklist") if k in top), "licenses")
             src = data if k == "licenses" else top
-            raise ConfigError(f"unknown license family {family!r} (one of {', '.join(LICENSE_FAMILIES)})",
+            raise ConfigError(f"unknown license family {shown(family)} (one of {', '.join(LICENSE_FAMILIES)})",
                               file=e.file, line=src.line_of(k), key=join_key(fprefix if src is data else e.prefix, k))
     for version in python_versions:
         if not re.match(r"^\d+(\.\d+){0,2}$", version):
             k = "python_versions"
             src = data if k in data else top
-            raise ConfigError(f"{version!r} is not a python version like 3.11", file=e.file,
+            raise ConfigError(f"{shown(version)} is not a python version like 3.11", file=e.file,
                               line=src.line_of(k), key=join_key(fprefix if src is data else e.prefix, k))
 
     latest = _latest(e, data, fprefix)
@@ -134,7 +134,7 @@ def parse_filters(e: MirrorEntry, mtype: str) -> Filters:
                           line=data.line_of("date_from"), key=join_key(fprefix, "date_from"))
     include_deps = data.get("include_dependencies", False)
     if not isinstance(include_deps, bool):
-        raise ConfigError(f"expected true or false, got {include_deps!r}", file=e.file,
+        raise ConfigError(f"expected true or false, got {shown(include_deps)}", file=e.file,
                           line=data.line_of("include_dependencies"),
                           key=join_key(fprefix, "include_dependencies"))
 
@@ -154,7 +154,7 @@ def _conda_spec_problem(spec: str) -> str | None:
     try:
         parse_matchspec(spec)
     except ValueError as exc:
-        return f"invalid MatchSpec {spec!r}: {exc}"
+        return f"invalid MatchSpec {shown(spec)}: {exc}"
     return None
 
 
@@ -163,8 +163,10 @@ def _pypi_spec_problem(spec: str) -> str | None:
 
     try:
         Requirement(spec)
+    except RecursionError:
+        return f"invalid requirement {shown(spec)} (PEP 508): nested too deeply"
     except InvalidRequirement as exc:
-        return f"invalid requirement {spec!r} (PEP 508): {str(exc).splitlines()[0]}"
+        return f"invalid requirement {shown(spec)} (PEP 508): {str(exc).splitlines()[0]}"
     return None
 
 
@@ -178,7 +180,7 @@ _CRAN_SPEC_RE: Final = re.compile(
 def _cran_spec_problem(spec: str) -> str | None:
     if _CRAN_SPEC_RE.fullmatch(spec):
         return None
-    return f"invalid package spec {spec!r} (a name, or a name and a constraint like 'Rcpp (>= 1.0)')"
+    return f"invalid package spec {shown(spec)} (a name, or a name and a constraint like 'Rcpp (>= 1.0)')"
 
 
 # What is wrong with a filter spec, in each mirror type's own syntax (None: nothing).
@@ -200,8 +202,8 @@ def _latest(e: MirrorEntry, data: LocatedDict, fprefix: str) -> int | None:
             value = 1
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"expected a whole number >= 1, got {value!r}", file=e.file,
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise ConfigError(f"expected a whole number from 1 to 1000000, got {shown(value)}", file=e.file,
                           line=data.line_of("latest"), key=join_key(fprefix, "latest"))
     return value
 
@@ -219,5 +221,5 @@ def _date(e: MirrorEntry, data: LocatedDict, fprefix: str, key: str) -> dt.date 
             return dt.date.fromisoformat(value.strip())
         except ValueError:
             pass
-    raise ConfigError(f"expected a date YYYY-MM-DD, got {value!r}", file=e.file,
+    raise ConfigError(f"expected a date YYYY-MM-DD, got {shown(value)}", file=e.file,
                       line=data.line_of(key), key=join_key(fprefix, key))

@@ -12,17 +12,21 @@ __all__ = ["redact", "join_url", "is_remote", "local_path", "basic_credentials"]
 
 # anaconda.org / Anaconda Platform put the access token in the path: .../t/<TOKEN>/...
 _TOKEN_RE: Final = re.compile(r"/t/[^/]+(?=/|$)")
+_USERINFO_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 def redact(url: str) -> str:
     """The URL with its path token and any user:password replaced, safe for logs, state and reports."""
     url = _TOKEN_RE.sub("/t/<TOKEN>", url)
-    parts = urlsplit(url)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        url = urlunsplit((parts.scheme, f"<CREDENTIALS>@{host}", parts.path, parts.query, parts.fragment))
+    try:
+        parts = urlsplit(url)
+        if parts.password or parts.username:
+            host = parts.hostname or ""
+            if parts.port:
+                host += f":{parts.port}"
+            url = urlunsplit((parts.scheme, f"<CREDENTIALS>@{host}", parts.path, parts.query, parts.fragment))
+    except ValueError:  # not a URL urllib can split (a bad port, an unclosed "["): any user info goes
+        url = _USERINFO_RE.sub(r"\1<CREDENTIALS>@", url)
     return url
 
 

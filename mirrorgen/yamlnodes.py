@@ -6,11 +6,11 @@ so mappings are loaded as :class:`LocatedDict`, which keeps the line of every ke
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line, shown
 
 __all__ = ["LocatedDict", "LocatedList", "load_yaml"]
 
@@ -35,9 +35,25 @@ class LocatedList(list[Any]):
         return self.item_lines[index] if index < len(self.item_lines) else self.line
 
 
+# The most values (keys, items, merged pairs) one document may build: far past any real
+# configuration, and a bound on what an alias or merge bomb can make us construct.
+_MAX_VALUES: Final = 1_000_000
+
+
 class _Loader(yaml.SafeLoader):
-    last_node_line: int | None = None  # of the last timestamp built, for an error's line
+    last_node_line: int | None = None  # of the last node built, for an error's line
     path: list[str | int]              # keys and indexes down to the value being built
+    budget: int                        # values left to build (_MAX_VALUES)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        self.last_node_line = node.start_mark.line + 1
+        return super().construct_object(node, deep=deep)
+
+    def spend(self, count: int, node: yaml.Node) -> None:
+        self.budget -= count
+        if self.budget < 0:
+            raise ConfigError(f"more than {_MAX_VALUES} values (aliases or merges repeating a large part?)",
+                              file=self.name, line=node.start_mark.line + 1, key=self.key_path())
 
     def key_path(self) -> str | None:
         """The value being built as the configuration names keys: ``mirrors[0].filters.latest``."""
@@ -49,10 +65,34 @@ class _Loader(yaml.SafeLoader):
         return out or None
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
+def _merged_size(node: yaml.MappingNode, sizes: dict[int, int]) -> int:
+    """How many pairs ``node`` holds once its merges are flattened (each mapping counted once,
+    by identity: an alias is the same node), computed before PyYAML copies them."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 0  # a merge that refers back to itself (PyYAML refuses it later)
+    total = 0
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            total += 1
+        elif isinstance(value_node, yaml.MappingNode):
+            total += _merged_size(value_node, sizes)
+        elif isinstance(value_node, yaml.SequenceNode):
+            total += sum(_merged_size(v, sizes) for v in value_node.value if isinstance(v, yaml.MappingNode))
+        if total > _MAX_VALUES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
+def _construct_mapping(loader: _Loader, node: yaml.Node) -> LocatedDict:
+    if not isinstance(node, yaml.MappingNode):  # a tag that forces it: `!!map text`
+        raise ConfigError("expected a mapping", file=loader.name, line=node.start_mark.line + 1,
+                          key=loader.key_path())
+    loader.spend(_merged_size(node, {}), node)
     # A key written twice is an error, but a key written beside a merge (``<<: *shared``)
     # overrides the merged one, as YAML's merge type says: only the written keys are checked.
-    written = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    written = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
     loader.flatten_mapping(node)  # the merged pairs first, in precedence order, then the written
     merged = len(node.value) - written
     result = LocatedDict()
@@ -60,12 +100,15 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
     result.key_lines = {}
     seen: set[str] = set()
     for i, (key_node, value_node) in enumerate(node.value):
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError("a key must be a plain value, not a list or a mapping", file=loader.name,
+                              line=key_node.start_mark.line + 1, key=loader.key_path())
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
-            key = str(key)
+            key = shown(key) if isinstance(key, int) and not isinstance(key, bool) else str(key)
         if i >= merged:
             if key in seen:
-                raise ConfigError(f"duplicate key {key!r}", file=loader.name,
+                raise ConfigError(f"duplicate key {shown(key)}", file=loader.name,
                                   line=key_node.start_mark.line + 1, key=key)
             seen.add(key)
         loader.path.append(key)
@@ -75,7 +118,11 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
     return result
 
 
-def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LocatedList:
+def _construct_sequence(loader: _Loader, node: yaml.Node) -> LocatedList:
+    if not isinstance(node, yaml.SequenceNode):  # a tag that forces it: `!!seq text`
+        raise ConfigError("expected a list", file=loader.name, line=node.start_mark.line + 1,
+                          key=loader.key_path())
+    loader.spend(len(node.value), node)
     result = LocatedList()
     for i, child in enumerate(node.value):
         loader.path.append(i)
@@ -86,6 +133,7 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LocatedList
     return result
 
 
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
@@ -106,7 +154,6 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def _construct_timestamp(loader: _Loader, node: yaml.ScalarNode) -> Any:
-    loader.last_node_line = node.start_mark.line + 1
     return loader.construct_yaml_timestamp(node)
 
 
@@ -119,18 +166,24 @@ def _current_line(loader: _Loader) -> int | None:
 
 def load_yaml(text: str, file: str) -> Any:
     """Parse YAML text; a syntax error becomes a one-line :class:`ConfigError` with its line."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # refuses characters YAML does not allow (NUL, lone surrogates)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
     loader.name = file
     loader.path = []
+    loader.budget = _MAX_VALUES
     try:
         return loader.get_single_data()
     except ConfigError:
         raise
-    except ValueError as exc:
-        # PyYAML's own constructors raise a bare ValueError for an impossible date (2024-02-30).
-        node_line = _current_line(loader)
-        raise ConfigError(f"invalid value: {exc}", file=file, line=node_line,
-                          key=loader.key_path()) from None
+    except RecursionError:
+        raise ConfigError("nested too deeply", file=file, line=_current_line(loader)) from None
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError, IndexError) as exc:
+        # PyYAML's own constructors raise these for a value its tag cannot hold: an impossible
+        # date (2024-02-30), `!!bool maybe`, `!!timestamp yesterday`, a float past any range.
+        raise ConfigError(f"invalid value: {one_line(str(exc), 100) or type(exc).__name__}", file=file,
+                          line=_current_line(loader), key=loader.key_path()) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         last = max(len(text.splitlines()), 1)
