@@ -284,9 +284,12 @@ def _sources(e: MirrorEntry, config_path: Path) -> tuple[str, ...]:
             if re.search(r"[\x00-\x20\x7f]", value):
                 raise e.err(key, f"{shown(_redact(value))}: a URL holds no spaces or control characters")
             try:
-                _ = urlsplit(value).port  # urllib checks the host and the port when asked
+                parts = urlsplit(value)
+                _ = parts.port  # urllib checks the port when asked
             except ValueError as exc:
                 raise e.err(key, f"{_redact(value)}: not a valid URL ({one_line(str(exc), 80)})") from None
+            if scheme != "file" and not parts.hostname:  # "http://user@/x"
+                raise e.err(key, f"{_redact(value)}: the URL has no host")
             out.append(f"{scheme}://{rest}")
         else:
             try:

@@ -66,6 +66,7 @@ NASTY = {
     "source with a bad port": mirror(source="http://u:p@host:99999/x"),
     "source with an open bracket": mirror(source="'http://[::1/x'"),
     "source with a newline": mirror(source='"http://host/a\\nb"'),
+    "source with user info but no host": mirror(source="'http://user@/x'"),
     "mirror name with a newline": mirror(name='"m\\n"'),
     # specs the parsers choke on
     "PEP 508 nested markers": mirror(type="pypi", filters="{only: ['x; " + "(" * 500 + "python_version>\"3\""
