@@ -153,13 +153,6 @@ def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
-def _construct_timestamp(loader: _Loader, node: yaml.ScalarNode) -> Any:
-    return loader.construct_yaml_timestamp(node)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
-
-
 def _current_line(loader: _Loader) -> int | None:
     return loader.last_node_line
 
