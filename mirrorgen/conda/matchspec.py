@@ -22,6 +22,7 @@ __all__ = ["CondaSpec", "CondaEcosystem", "parse_matchspec", "conda_version"]
 
 _VERSION_LITERAL_RE: Final = re.compile(r"\d+(?:\.[0-9A-Za-z_]+)*")
 _DEP_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+_BUILD_NUMBER_OVERFLOW_RE: Final = re.compile(r"build_number[^\]]*?\d{20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,10 @@ def _refused(exc: BaseException) -> bool:
 @lru_cache(maxsize=65536)
 def parse_matchspec(text: str) -> CondaSpec:
     """Parse a MatchSpec the way conda does (globs allowed in names); ValueError if invalid."""
+    if "build_number" in text and _BUILD_NUMBER_OVERFLOW_RE.search(text):
+        # rattler panics on this one (an unwrap in its build_number parser), and its panic hook
+        # prints the panic, with a backtrace, to stderr before Python sees the exception.
+        raise ValueError("a build_number larger than any build number (2**64)")
     try:
         spec = MatchSpec(text, exact_names_only=False)
     except BaseException as exc:  # rattler raises its own InvalidMatchSpecError (not a ValueError)
