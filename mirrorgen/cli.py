@@ -106,10 +106,11 @@ def entry() -> None:
 def _run(coro: Any) -> Any:
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
+    # Outside the try: an ImportError raised inside the run is the run's, not a missing uvloop
+    # (taken for one, it ran the coroutine a second time: "cannot reuse already awaited coroutine").
+    return uvloop.run(coro)
 
 
 def _print_json(doc: Any) -> None:
