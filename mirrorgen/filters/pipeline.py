@@ -19,7 +19,7 @@ from .dependencies import DependencyReport, add_dependencies
 from .latest import filter_latest
 from .licenses import filter_licenses
 from .python_versions import filter_python_versions
-from .specs import SpecSet, filter_exclude, filter_only
+from .specs import SpecSet, filter_exclude, filter_only, filter_unreadable
 
 __all__ = ["FilterOutcome", "apply_filters"]
 
@@ -65,7 +65,7 @@ def apply_filters(records: Sequence[Any], filters: Filters, eco: Ecosystem) -> F
         restored, after_policy = _apply_policy(py_ok, current, passed, include, policy, dropped)
 
     if only or exclude or include:  # records a spec could not be tested against (they never match)
-        after_policy = _drop_unreadable(after_policy, eco, dropped)
+        after_policy = filter_unreadable(after_policy, eco, dropped)
     kept = filter_latest(after_policy, filters.latest, eco, dropped)
 
     report = None
@@ -103,15 +103,3 @@ def _apply_policy(py_ok: Sequence[Any], current: list[Any], passed: list[Any], i
         refused_here = {r.key for r in current if id(r) not in allowed}
         dropped.update((k, v) for k, v in policy.items() if k in refused_here)
     return restored, after_policy
-
-
-def _drop_unreadable(kept: list[Any], eco: Ecosystem, dropped: dict[str, tuple[str, str]]) -> list[Any]:
-    """``kept`` less the records a spec could not be tested against (see Ecosystem.unreadable)."""
-    out = []
-    for record in kept:
-        why = eco.unreadable(record)
-        if why is None:
-            out.append(record)
-        else:
-            dropped[record.key] = ("malformed", why)
-    return out

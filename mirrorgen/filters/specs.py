@@ -12,7 +12,7 @@ from typing import Any
 
 from ..records import Ecosystem, Spec
 
-__all__ = ["SpecSet", "filter_only", "filter_exclude"]
+__all__ = ["SpecSet", "filter_only", "filter_exclude", "filter_unreadable"]
 
 
 class SpecSet:
@@ -66,4 +66,17 @@ def filter_exclude(records: Iterable[Any], exclude: SpecSet, dropped: dict[str, 
             kept.append(record)
         else:
             dropped[record.key] = ("exclude", f"matches {spec.text!r}")
+    return kept
+
+
+def filter_unreadable(records: Iterable[Any], eco: Ecosystem, dropped: dict[str, tuple[str, str]]) -> list[Any]:
+    """``records`` less those a spec could not be tested against (see Ecosystem.unreadable): run
+    after the spec filters, which mark them as they try."""
+    kept = []
+    for record in records:
+        why = eco.unreadable(record)
+        if why is None:
+            kept.append(record)
+        else:
+            dropped[record.key] = ("malformed", why)
     return kept
