@@ -158,7 +158,7 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
             todo = _plan(mirror, store, channel, manifest, outcome.kept, result)
 
         if dry_run:
-            result.would_download = [relpath for _, relpath, _ in todo]
+            result.would_download = [relpath for _, relpath, _, _ in todo]
             if clean:
                 keep = {channel.relpath(r) for r in outcome.kept}
                 base = store.mirror_dir(mirror.name)
@@ -212,10 +212,10 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, kept: list[Any],
-          result: RunResult) -> list[tuple[Any, str, str]]:
+          result: RunResult) -> list[tuple[Any, str, str, Any]]:
     """The files to fetch: every kept file the manifest cannot vouch for (active mode), as
-    (record, relpath, path on disk)."""
-    todo: list[tuple[Any, str, str]] = []
+    (record, relpath, path on disk, what upstream says the file is: ``channel.expected``)."""
+    todo: list[tuple[Any, str, str, Any]] = []
     if mirror.mode != "active":
         return todo  # passive mirrors publish indexes only: no package file to check or fetch
     for record in kept:
@@ -232,7 +232,7 @@ def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, 
         if manifest.trusted(relpath, path, facts.size, facts.sha256, facts.md5):
             result.reused += 1
         else:
-            todo.append((record, relpath, path))
+            todo.append((record, relpath, path, facts))
     return todo
 
 
@@ -343,15 +343,15 @@ def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
 
 
 async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport: Transport,
-                     manifest: Manifest, todo: list[tuple[Any, str, str]], result: RunResult,
+                     manifest: Manifest, todo: list[tuple[Any, str, str, Any]], result: RunResult,
                      progress: Progress) -> None:
     """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
     waits under its temporary name until a batch of them is made durable by one filesystem sync
     and renamed; only then is it recorded in the manifest (see :class:`GroupCommit`)."""
-    progress.start(len(todo), sum((channel.expected(r).size or 0) for r, _, _ in todo))
+    progress.start(len(todo), sum((facts.size or 0) for _, _, _, facts in todo))
     # Which of them are on disk already, from one listing per directory off the loop: a stat per
     # file on the loop would wait for the directory lock the download threads' creates hold.
-    on_disk = await asyncio.to_thread(_names_on_disk, {os.path.dirname(path) for _, _, path in todo})
+    on_disk = await asyncio.to_thread(_names_on_disk, {os.path.dirname(path) for _, _, path, _ in todo})
 
     def published(batch: list[tuple[Any, Staged]]) -> None:
         manifest.add_many((relpath, staged.entry) for (relpath, _), staged in batch)
@@ -369,8 +369,7 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
 
     requests: list[FetchRequest] = []
     found: list[FetchRequest] = []
-    for record, relpath, path in todo:
-        facts = channel.expected(record)  # usable: _plan refused the rest
+    for record, relpath, path, facts in todo:  # facts usable: _plan refused the rest
         size, sha256, md5 = facts.size, facts.sha256, facts.md5
         # A hash upstream gives is always checked (mirrorgen.sink.Hasher); what
         # verify_checksums: false allows is a file it gives none for, checked by size alone.
