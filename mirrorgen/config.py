@@ -172,11 +172,12 @@ def _resolve_path(value: str, config_path: Path) -> Path:
         raise ValueError("not a usable path: it holds a NUL character")
     try:
         p = Path(value).expanduser()
+    except RuntimeError:  # no such user
+        raise ValueError(f"cannot expand {shown(value.split('/', 1)[0])}") from None
+    try:
         p = p if p.is_absolute() else (config_path.parent / p).resolve()
         os.fsencode(p)
-    except RuntimeError:  # expanduser: no such user
-        raise ValueError(f"cannot expand {shown(value.split('/', 1)[0])}") from None
-    except (ValueError, UnicodeError) as exc:  # a NUL byte, a lone surrogate
+    except (ValueError, UnicodeError, RuntimeError, OSError) as exc:  # a lone surrogate, a symlink loop
         raise ValueError(f"not a usable path: {one_line(str(exc), 80)}") from None
     return p
 

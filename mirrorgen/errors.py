@@ -33,16 +33,34 @@ __all__ = [
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-_REPR: Final = reprlib.Repr()
+class _Short(reprlib.Repr):
+    """reprlib, also for subclasses of list and dict (the configuration's LocatedList and
+    LocatedDict): reprlib picks its method by type name, and for an unknown one falls back to the
+    full builtin repr, which an alias bomb makes a billion items long."""
+
+    def repr1(self, x: object, level: int) -> str:
+        if isinstance(x, list) and type(x) is not list:
+            return self.repr_list(x, level)
+        if isinstance(x, dict) and type(x) is not dict:
+            return self.repr_dict(x, level)
+        return super().repr1(x, level)
+
+
+_REPR: Final = _Short()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 80, 80, 4, 4
 
 
 def shown(value: object) -> str:
     """A value from outside (a configuration's, an upstream's) as a message shows it: its repr,
     cut short, on one line. Never slow and never failing, whatever it is: a number of 5,000 digits
-    (whose repr raises), a list an alias bomb nests a billion times."""
+    (whose repr raises), a list an alias bomb nests a billion times. A URL's credentials and
+    token are hidden (mirrorgen.urls.redact)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
         return "a number too large to show"
+    if isinstance(value, str):  # a URL with a token or a password, pasted where it does not belong
+        from .urls import redact
+
+        value = redact(value)
     try:
         text = _REPR.repr(value)
     except ValueError:  # a large integer inside a list

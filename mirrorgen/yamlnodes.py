@@ -172,11 +172,16 @@ def load_yaml(text: str, file: str) -> Any:
         raise
     except RecursionError:
         raise ConfigError("nested too deeply", file=file, line=_current_line(loader)) from None
-    except (ValueError, KeyError, AttributeError, TypeError, OverflowError, IndexError) as exc:
-        # PyYAML's own constructors raise these for a value its tag cannot hold: an impossible
-        # date (2024-02-30), `!!bool maybe`, `!!timestamp yesterday`, a float past any range.
+    except (ValueError, OverflowError) as exc:
+        # PyYAML's own constructors raise these for an impossible date (2024-02-30) or a float
+        # past any range; their message says which.
         raise ConfigError(f"invalid value: {one_line(str(exc), 100) or type(exc).__name__}", file=file,
                           line=_current_line(loader), key=loader.key_path()) from None
+    except (KeyError, AttributeError, TypeError, IndexError):
+        # ... and these when a tag forces a value it cannot hold (`!!bool maybe`, `!!timestamp
+        # yesterday`, `!!float ''`), with a message about PyYAML's insides.
+        raise ConfigError("invalid value for its tag", file=file, line=_current_line(loader),
+                          key=loader.key_path()) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         last = max(len(text.splitlines()), 1)

@@ -32,6 +32,14 @@ def bomb(levels: int, *, merge: bool) -> str:
     return "\n".join(out)
 
 
+def flow_bomb(levels: int) -> str:
+    """One flow value that holds 2**levels items once expanded: [&a2 [&a1 [&a0 [x], *a0], *a1], *a2]"""
+    text = "&a0 [x]"
+    for i in range(1, levels):
+        text = f"&a{i} [{text}, *a{i - 1}]"
+    return text
+
+
 NASTY = {
     # characters YAML refuses outright
     "NUL": "root: /srv\x00\nmirrors: []\n",
@@ -41,6 +49,7 @@ NASTY = {
     "deep block mapping": "".join(" " * i + f"k{i}:\n" for i in range(2000)),
     "merge bomb": bomb(40, merge=True) + "\nroot: /srv\nmirrors: []\n",
     "list bomb as a key": bomb(40, merge=False) + "\n? *a39\n: x\nroot: /srv\n",
+    "list bomb in an error message": mirror(concurrency=flow_bomb(40)),
     # tags forcing what a value cannot be
     "!!bool maybe": "root: !!bool maybe\n",
     "!!timestamp yesterday": "root: !!timestamp yesterday\n",
@@ -109,3 +118,17 @@ def test_a_merge_of_shared_parts_well_under_the_limit_still_works() -> None:
 def test_a_mirror_name_with_a_newline_or_a_path_is_not_valid(name: str) -> None:
     # "$" matches before a final newline: the check once took "m\n" for a name.
     assert not valid_mirror_name(name)
+
+
+def test_a_token_url_pasted_where_it_does_not_belong_is_not_shown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(mirror(type="'https://user:s3cr3t@conda.example/t/TOKEN123/main'"), CFG)
+    assert "s3cr3t" not in str(info.value) and "TOKEN123" not in str(info.value)
+    assert "unknown mirror type" in str(info.value)
+
+
+def test_a_symlink_loop_under_root_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ConfigError) as info:
+        parse_config("root: loop/x\nmirrors: []\n", tmp_path / "mirrorgen.yaml")
+    assert "not a usable path" in str(info.value) and "cannot expand" not in str(info.value)
