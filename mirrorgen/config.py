@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 from .configentry import MirrorEntry, join_key
 from .errors import ConfigError, one_line, shown
 from .filterconfig import Filters, parse_filters
+from .urls import redact
 from .yamlnodes import LocatedDict, LocatedList, load_yaml
 
 __all__ = ["Config", "MirrorConfig", "Filters", "load_config", "parse_config", "valid_mirror_name",
@@ -277,20 +278,20 @@ def _sources(e: MirrorEntry, config_path: Path) -> tuple[str, ...]:
             scheme, rest = value.split("://", 1)
             scheme = scheme.lower()
             if scheme not in ("http", "https", "file"):
-                raise e.err(key, f"unsupported URL scheme {shown(scheme)} in {_redact(value)}")
+                raise e.err(key, f"unsupported URL scheme {shown(scheme)} in {redact(value)}")
             if scheme == "file" and not rest.startswith("/") and not rest.startswith("localhost/"):
-                raise e.err(key, f"{_redact(value)}: a file:// URL needs an absolute path (file:///path)")
+                raise e.err(key, f"{redact(value)}: a file:// URL needs an absolute path (file:///path)")
             if scheme != "file" and not rest.split("/", 1)[0]:
-                raise e.err(key, f"{_redact(value)}: the URL has no host")
+                raise e.err(key, f"{redact(value)}: the URL has no host")
             if re.search(r"[\x00-\x20\x7f]", value):
-                raise e.err(key, f"{shown(_redact(value))}: a URL holds no spaces or control characters")
+                raise e.err(key, f"{shown(value)}: a URL holds no spaces or control characters")
             try:
                 parts = urlsplit(value)
                 _ = parts.port  # urllib checks the port when asked
             except ValueError as exc:
-                raise e.err(key, f"{_redact(value)}: not a valid URL ({one_line(str(exc), 80)})") from None
+                raise e.err(key, f"{redact(value)}: not a valid URL ({one_line(str(exc), 80)})") from None
             if scheme != "file" and not parts.hostname:  # "http://user@/x"
-                raise e.err(key, f"{_redact(value)}: the URL has no host")
+                raise e.err(key, f"{redact(value)}: the URL has no host")
             out.append(f"{scheme}://{rest}")
         else:
             try:
@@ -299,11 +300,6 @@ def _sources(e: MirrorEntry, config_path: Path) -> tuple[str, ...]:
                 raise e.err(key, str(exc)) from None
     return tuple(out)
 
-
-def _redact(url: str) -> str:
-    from .urls import redact
-
-    return redact(url)
 
 
 def _subdirs(e: MirrorEntry, mtype: str) -> tuple[str, ...] | None:

@@ -3,17 +3,16 @@ key (:class:`MirrorEntry`); shared by mirrorgen.config and mirrorgen.filterconfi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from .errors import ConfigError, shown
+from .urls import redact
 from .yamlnodes import LocatedDict, LocatedList
 
-__all__ = ["MirrorEntry", "join_key", "yaml_kind", "one_of"]
+__all__ = ["MirrorEntry", "join_key", "yaml_kind"]
 
 
 def join_key(prefix: str, key: str) -> str:
-    from .urls import redact
-
     # A key is user text: a URL pasted where a key belongs must not leak its token.
     return f"{prefix}.{redact(key)}" if prefix else redact(key)
 
@@ -33,14 +32,7 @@ def yaml_kind(value: Any) -> str:
     return type(value).__name__
 
 
-def one_of(data: LocatedDict, keys: tuple[str, ...], file: str, prefix: str) -> str | None:
-    """Which of several spellings of one setting the entry uses (None: none); two is an error,
-    not a silent choice of one."""
-    present = sorted((k for k in keys if k in data), key=data.line_of)
-    if len(present) > 1:  # named where the second spelling is written
-        raise ConfigError(f"give only one of {' / '.join(keys)}", file=file,
-                          line=data.line_of(present[1]), key=join_key(prefix, present[1]))
-    return present[0] if present else None
+_NO_MAXIMUM: Final = (1 << 63) - 1  # what a file size or a count can be at most anyway
 
 
 class MirrorEntry:
@@ -54,7 +46,12 @@ class MirrorEntry:
                            key=join_key(self.prefix, key))
 
     def one_of(self, *keys: str) -> str | None:
-        return one_of(self.data, keys, self.file, self.prefix)
+        """Which of several spellings of one setting the entry uses (None: none); two is an error,
+        not a silent choice of one."""
+        present = sorted((k for k in keys if k in self.data), key=self.data.line_of)
+        if len(present) > 1:  # named where the second spelling is written
+            raise self.err(present[1], f"give only one of {' / '.join(keys)}")
+        return present[0] if present else None
 
     def string(self, key: str, default: str | None = None) -> str | None:
         value = self.data.get(key, default)
@@ -85,12 +82,13 @@ class MirrorEntry:
         return tuple(out)
 
     def integer(self, key: str, default: int | None, *, minimum: int = 1,
-                maximum: int = (1 << 63) - 1) -> int | None:
+                maximum: int = _NO_MAXIMUM) -> int | None:
         value = self.data.get(key, default)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            raise self.err(key, f"expected a whole number from {minimum} to {maximum}, got {shown(value)}")
+            bounds = f"at least {minimum}" if maximum == _NO_MAXIMUM else f"from {minimum} to {maximum}"
+            raise self.err(key, f"expected a whole number {bounds}, got {shown(value)}")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:

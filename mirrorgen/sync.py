@@ -229,6 +229,12 @@ def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, 
         if facts.problem is not None:  # a hash or size upstream gives that cannot be checked
             result.failed[relpath] = facts.problem
             continue
+        # A hash upstream gives is always checked (mirrorgen.sink.Hasher); what
+        # verify_checksums: false allows is a file it gives none for, checked by size alone.
+        if not facts.sha256 and not facts.md5 and (mirror.verify_checksums or facts.size is None):
+            result.failed[relpath] = ("upstream publishes no sha256 or md5 for this file" if facts.size is not None
+                                      else "upstream publishes no sha256, md5 or size for this file")
+            continue
         if manifest.trusted(relpath, path, facts.size, facts.sha256, facts.md5):
             result.reused += 1
         else:
@@ -369,16 +375,8 @@ async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport
 
     requests: list[FetchRequest] = []
     found: list[FetchRequest] = []
-    for record, relpath, path, facts in todo:  # facts usable: _plan refused the rest
-        size, sha256, md5 = facts.size, facts.sha256, facts.md5
-        # A hash upstream gives is always checked (mirrorgen.sink.Hasher); what
-        # verify_checksums: false allows is a file it gives none for, checked by size alone.
-        if not sha256 and not md5 and (mirror.verify_checksums or size is None):
-            result.failed[relpath] = ("upstream publishes no sha256 or md5 for this file" if size is not None
-                                      else "upstream publishes no sha256, md5 or size for this file")
-            progress.advance(0)
-            continue
-        request = FetchRequest(relpath, channel.file_url(record), path, size, sha256, md5)
+    for record, relpath, path, facts in todo:  # facts usable and enough: _plan refused the rest
+        request = FetchRequest(relpath, channel.file_url(record), path, facts.size, facts.sha256, facts.md5)
         # On disk but not in the manifest (a run killed before it recorded the file): hashed
         # instead of fetched again.
         (found if os.path.split(path) in on_disk else requests).append(request)

@@ -264,3 +264,23 @@ async def test_a_defect_of_ours_leaves_the_run_failed_not_running(
         await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
     status = Store(config.root).read_state(MIRROR, "status.json")
     assert status["state"] == "failed" and "internal error: RuntimeError: a defect" in status["error"]
+
+
+async def test_turning_verify_checksums_back_on_refuses_a_file_mirrored_without_a_hash(
+        upstream, write_config) -> None:
+    # The manifest vouches for the file on disk, but what it vouches for is only what
+    # `verify_checksums: false` allowed: with the check back on, the file is not published.
+    victim = upstream.files("linux-64")[0]
+
+    def edit(doc: dict[str, Any]) -> None:
+        for field in ("sha256", "md5"):
+            record_of(doc, victim).pop(field, None)
+
+    rewrite(upstream, "linux-64", edit)
+    config = write_config(upstream.channel_url, verify_checksums=False)
+    assert (await cli("sync", "-c", str(config.path), "--quiet"))[0] == 0
+    assert victim in published(config.root, "linux-64")
+    config = write_config(upstream.channel_url, verify_checksums=True)
+    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 1 and victim in err and "no sha256 or md5" in err
+    assert victim not in published(config.root, "linux-64")

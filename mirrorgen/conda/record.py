@@ -101,8 +101,10 @@ class CondaRecord(msgspec.Struct, gc=False):
 
 
 class FileFacts(msgspec.Struct, gc=False):
-    """What upstream says a package file is; ``problem`` (never decoded): why these facts cannot
-    be used to check the file (a hash of the wrong type or shape, a negative size), or None."""
+    """What upstream says a package file is; ``problem``: why these facts cannot be used to check
+    the file (a hash of the wrong type or shape, a negative size), or None. Set by
+    :attr:`CondaRecord.files`; should an upstream record carry the odd key it is decoded from, it
+    can only make the file refused."""
 
     sha256: str | None = None
     md5: str | None = None

@@ -23,8 +23,7 @@ from ..config import MirrorConfig
 from ..errors import RepodataError, UpstreamError, one_line
 from ..platforms import KNOWN_SUBDIRS
 from ..transport import Transport
-from ..urls import local_path
-from ..urls import join_url, redact
+from ..urls import join_url, local_path, redact
 from .record import CondaRecord, RepodataDocument, RepodataRecords
 
 __all__ = ["CondaSource", "SubdirIndex", "ChannelIndex"]
