@@ -13,7 +13,10 @@ small files, a few large ones carrying most of the bytes), served by a real ngin
 - Floors, for context (``benchmarks/floors.py``): each part of mirrorgen's job alone, done as
   simply as Python can. ``receive``: the files fetched from the same nginx and sha256-checked,
   nothing written. ``write``: the same bytes written as mirrorgen writes them and synced, no
-  network. mirrorgen does both (and the index), on the same two cores.
+  network. ``both``: those two at once, each in a process of its own, so nothing but the cores
+  and the disk is shared: how long those parts take on this machine when they overlap as well as
+  they can, before any start-up or index. mirrorgen does both (and the index) in one process, on the same
+  two cores.
 
 Both write under ``work`` (the same filesystem); the upstream files are read right before each
 timed run so the page cache holds them for both (see common.warm), and dirty pages of the
@@ -145,6 +148,8 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
         listed = work / "floor-files.json"
         floors.listing(up, SUBDIRS, listed)
         receive = floors.best_floor("receive", listed, [n], repeat, upstream=up, base_url=server.base_url)
+        overlap = floors.best_floor("both", listed, [n], repeat, upstream=up, base_url=server.base_url,
+                                    root=work / "floor-both")
     writes = floors.best_floor("write", listed, sorted({1, n}), repeat, upstream=up,
                                root=work / "floor-write")
 
@@ -159,7 +164,8 @@ def run(work: Path, builds: list[Mirrorgen], *, files: int = 1500,
               x_curl=total / 1e6 / cs_wall / base_mbs, rss_mib=mib(sync_best[0].rss), files=len(want),
               verified=0)
     for (m, threads), what, verified in ((receive, "receive + sha256 only, nothing written", len(want)),
-                                         (writes, "durable writes only, no network", 0)):
+                                         (writes, "durable writes only, no network", 0),
+                                         (overlap, "both at once, two processes", len(want))):
         table.add(run=f"floor: {what} ({threads} thread{'s' * (threads > 1)})", wall_s=m.wall,
                   sys_s=m.sys, mb_s=total / 1e6 / m.wall, x_curl=total / 1e6 / m.wall / base_mbs,
                   rss_mib=mib(m.rss), files=len(want), verified=verified)

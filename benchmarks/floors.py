@@ -18,12 +18,17 @@ doing a single part of the job with nothing else in the way, show what is left f
   with O_DIRECT from a page-aligned buffer and its last partial block through the page cache, a
   smaller one through the page cache), then sync the filesystem: the time the disk takes to hold
   these bytes durably.
+- ``both``: ``receive`` and ``write`` at once, each in a process of its own, so they share the
+  two cores and the disk but no interpreter: how long the machine takes to receive, check and
+  durably write these bytes when the two parts overlap as well as they can. A client doing the
+  whole job also pays for its start-up and its index.
 
 Run as a child process, like every measured command (its own interpreter start-up included)::
 
     python -m benchmarks.floors receive BASE_URL LIST THREADS
     python -m benchmarks.floors write ROOT LIST THREADS
     python -m benchmarks.floors fetch BASE_URL,ROOT LIST THREADS
+    python -m benchmarks.floors both BASE_URL,ROOT LIST THREADS
 
 LIST is a JSON file of ``[relpath, size, sha256]`` triples. Exit status 1 if a file's size or
 sha256 is not what LIST says.
@@ -37,6 +42,7 @@ import mmap
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -104,7 +110,7 @@ def best_floor(what: str, listed: Path, threads: Sequence[int], repeat: int, *, 
             if root is not None:
                 fresh(root)
             assert (root is None) == (what == "receive"), "receive writes nothing; the others need a root"
-            where = {"receive": base_url, "write": str(root), "fetch": f"{base_url},{root}"}[what]
+            where = {"receive": base_url, "write": str(root)}.get(what, f"{base_url},{root}")
             m = measure_floor(what, where, listed, n)
             if best is None or m.wall < best[0].wall:
                 best = (m, n)
@@ -233,12 +239,26 @@ def write(root: Path, files: list[File], threads: int) -> list[str]:
     return errors
 
 
+def both(base_url: str, root: Path, listed: str, threads: str) -> int:
+    """``receive`` and ``write`` run at once, each as a child process (see the module's
+    docstring); 1 if either failed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    children = [subprocess.Popen([sys.executable, "-P", "-m", "benchmarks.floors", what, where,
+                                  listed, threads], env=env)
+                for what, where in (("receive", base_url), ("write", str(root)))]
+    codes = [child.wait() for child in children]
+    return 1 if any(codes) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 4 or args[0] not in ("receive", "write", "fetch"):
+    if len(args) != 4 or args[0] not in ("receive", "write", "fetch", "both"):
         print(__doc__.split("\n\n")[-2], file=sys.stderr)
         return 2
     what, where, listed, threads = args
+    if what == "both":
+        base_url, root = where.split(",", 1)
+        return both(base_url, Path(root), listed, threads)
     files: list[File] = [(relpath, size, sha256)
                          for relpath, size, sha256 in orjson.loads(Path(listed).read_bytes())]
     if what == "receive":

@@ -43,8 +43,8 @@ def test_benchmark_1_runs_and_both_sides_keep_the_same_records(tmp_path: Path) -
 
 def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
     """The floors are figures the README compares mirrorgen against, so they must do the work
-    they claim: a file whose bytes are not upstream's sha256 fails ``receive`` and ``fetch``, and
-    what ``write`` and ``fetch`` leave is every file at its size (``fetch``: its very bytes)."""
+    they claim: a file whose bytes are not upstream's sha256 fails ``receive``, ``fetch`` and ``both``,
+    and what ``write``, ``fetch`` and ``both`` leave is every file at its size (``fetch``: its very bytes)."""
     up = tmp_path / "up"
     synth.generate_conda(up, 40, files=True, size_range=(1, 600 << 10))
     listed = tmp_path / "files.json"
@@ -55,9 +55,11 @@ def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
         assert floors.main(["receive", server.base_url, str(listed), "3"]) == 0
         assert floors.main(["fetch", f"{server.base_url},{tmp_path / 'fetched'}", str(listed), "2"]) == 0
         assert floors.main(["write", str(tmp_path / "written"), str(listed), "2"]) == 0
+        assert floors.main(["both", f"{server.base_url},{tmp_path / 'both'}", str(listed), "2"]) == 0
         for relpath, size, _ in files:
             assert (tmp_path / "fetched" / relpath).read_bytes() == (up / relpath).read_bytes()
             assert (tmp_path / "written" / relpath).stat().st_size == size
+            assert (tmp_path / "both" / relpath).stat().st_size == size
 
         victim = up / files[7][0]
         data = bytearray(victim.read_bytes())
@@ -65,6 +67,7 @@ def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
         victim.write_bytes(data)
         assert floors.main(["receive", server.base_url, str(listed), "3"]) == 1
         assert floors.main(["fetch", f"{server.base_url},{tmp_path / 'again'}", str(listed), "1"]) == 1
+        assert floors.main(["both", f"{server.base_url},{tmp_path / 'both2'}", str(listed), "1"]) == 1
 
 
 def test_memory_backing_runs_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
