@@ -21,8 +21,9 @@ faster than conda-mirror.
 
 For context, beside curl: floors (``benchmarks/floors.py``), each one part of the job done as
 simply as Python can, on the same files: ``receive`` (fetched and sha256-checked, nothing written),
-``write`` (the files written and synced, no network), and ``fetch`` (both: a mirror with no index,
-no atomic names and no record of what it holds). Each runs with 1 thread and with mirrorgen's
+``write`` (the files written and synced, no network), ``fetch`` (both: a mirror with no index,
+no atomic names and no record of what it holds), and ``both`` (``receive`` and ``write`` at once,
+each in a process of its own: the two parts overlapped with no interpreter shared). Each runs with 1 thread and with mirrorgen's
 concurrency where that can differ, and the faster is kept.
 
 The channel has a single subdir, linux-64 (conda-mirror mirrors one platform per invocation), with
@@ -239,7 +240,8 @@ def run(work: Path, builds: list[Mirrorgen], *, records: int, repeat: int,
         for what, counts, about in (
                 ("receive", threads[-1:], "receive + sha256 only, nothing written"),
                 ("write", threads, "write + sync only, no network"),
-                ("fetch", threads, "receive + sha256 + write + sync, no index")):
+                ("fetch", threads, "receive + sha256 + write + sync, no index"),
+                ("both", threads, "receive + sha256, and write + sync, in two processes at once")):
             m, n = floors.best_floor(what, listed, counts, repeat, upstream=up, base_url=url[cm_count],
                                      root=None if what == "receive" else work / "floor-root")
             table.add(run=label(f"floor: {about} ({n} thread{'s' * (n > 1)})", cm_count), wall_s=m.wall,
