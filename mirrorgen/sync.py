@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, MirrorConfig
-from .errors import ConfigError, MirrorError, UnsafePath, UsageError, describe_os_error, one_line
+from .errors import ConfigError, MirrorError, UsageError, describe_os_error, one_line
+from .fetching import fetch_all, plan
 from .filters import FilterOutcome, apply_filters
+from .manifest import Manifest
 from .progress import Progress
 from .report import build_report
-from .manifest import Entry, Manifest, hash_file
 from .store import COMMIT_GROUP, Store
 from .tempfiles import Temp, fsync_path
-from .transport import FetchRequest, GroupCommit, Staged, Transport
+from .transport import Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
 
@@ -155,7 +156,7 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
 
         with result.timed("check"):
             manifest = Manifest(store, mirror.name).load()
-            todo = _plan(mirror, store, channel, manifest, outcome.kept, result)
+            todo = plan(mirror, store, channel, manifest, outcome.kept, result)
 
         if dry_run:
             result.would_download = [relpath for _, relpath, _, _ in todo]
@@ -173,7 +174,7 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
 
         if todo:
             with result.timed("fetch"):
-                await _fetch_all(mirror, store, channel, transport, manifest, todo, result, progress)
+                await fetch_all(mirror, store, channel, transport, manifest, todo, result, progress)
 
         with result.timed("publish"), _collector_paused():
             publish = ([r for r in outcome.kept if channel.relpath(r) not in result.failed]
@@ -209,37 +210,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _plan(mirror: MirrorConfig, store: Store, channel: Any, manifest: Manifest, kept: list[Any],
-          result: RunResult) -> list[tuple[Any, str, str, Any]]:
-    """The files to fetch: every kept file the manifest cannot vouch for (active mode), as
-    (record, relpath, path on disk, what upstream says the file is: ``channel.expected``)."""
-    todo: list[tuple[Any, str, str, Any]] = []
-    if mirror.mode != "active":
-        return todo  # passive mirrors publish indexes only: no package file to check or fetch
-    for record in kept:
-        relpath = channel.relpath(record)
-        try:
-            path = store.resolve_str(mirror.name, relpath)
-        except UnsafePath as exc:
-            result.failed[relpath] = str(exc)
-            continue
-        facts = channel.expected(record)
-        if facts.problem is not None:  # a hash or size upstream gives that cannot be checked
-            result.failed[relpath] = facts.problem
-            continue
-        # A hash upstream gives is always checked (mirrorgen.sink.Hasher); what
-        # verify_checksums: false allows is a file it gives none for, checked by size alone.
-        if not facts.sha256 and not facts.md5 and (mirror.verify_checksums or facts.size is None):
-            result.failed[relpath] = ("upstream publishes no sha256 or md5 for this file" if facts.size is not None
-                                      else "upstream publishes no sha256, md5 or size for this file")
-            continue
-        if manifest.trusted(relpath, path, facts.size, facts.sha256, facts.md5):
-            result.reused += 1
-        else:
-            todo.append((record, relpath, path, facts))
-    return todo
 
 
 def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any], result: RunResult) -> None:
@@ -346,88 +316,6 @@ def _empty_result(mirror: MirrorConfig, outcome: FilterOutcome) -> ConfigError:
     return ConfigError(f"the filters leave nothing to mirror{why}", file=mirror.file,
                        line=mirror.filters.lines.get(key, mirror.line),
                        key=mirror.filters.keys.get(key, mirror.name))
-
-
-async def _fetch_all(mirror: MirrorConfig, store: Store, channel: Any, transport: Transport,
-                     manifest: Manifest, todo: list[tuple[Any, str, str, Any]], result: RunResult,
-                     progress: Progress) -> None:
-    """Fetch and verify every file of ``todo``, publishing them by group commit: a verified file
-    waits under its temporary name until a batch of them is made durable by one filesystem sync
-    and renamed; only then is it recorded in the manifest (see :class:`GroupCommit`)."""
-    progress.start(len(todo), sum((facts.size or 0) for _, _, _, facts in todo))
-    # Which of them are on disk already, from one listing per directory off the loop: a stat per
-    # file on the loop would wait for the directory lock the download threads' creates hold.
-    on_disk = await asyncio.to_thread(_names_on_disk, {os.path.dirname(path) for _, _, path, _ in todo})
-
-    def published(batch: list[tuple[Any, Staged]]) -> None:
-        manifest.add_many((relpath, staged.entry) for (relpath, _), staged in batch)
-        for (_, rehashed), staged in batch:
-            if rehashed:
-                result.rehashed += 1
-            else:
-                result.downloaded += 1
-                result.bytes_downloaded += staged.bytes_downloaded
-
-    def failed(relpath: str, why: str) -> None:
-        result.failed[relpath] = why
-        progress.log(f"{mirror.name}: failed: {relpath}: {why}")
-        progress.advance(0)
-
-    requests: list[FetchRequest] = []
-    found: list[FetchRequest] = []
-    for record, relpath, path, facts in todo:  # facts usable and enough: _plan refused the rest
-        request = FetchRequest(relpath, channel.file_url(record), path, facts.size, facts.sha256, facts.md5)
-        # On disk but not in the manifest (a run killed before it recorded the file): hashed
-        # instead of fetched again.
-        (found if os.path.split(path) in on_disk else requests).append(request)
-
-    try:
-        async with GroupCommit(store, published) as commits:
-            for request in found:
-                entry = await asyncio.to_thread(_hash_existing, request.final, request.size,
-                                                request.sha256, request.md5)
-                if entry is None:
-                    requests.append(request)
-                    continue
-                commits.add((request.key, True), Staged(None, request.final, entry, 0))
-                progress.advance(entry.size)
-            # aclosing: leaving the loop by an exception stops the download threads there and then.
-            async with contextlib.aclosing(transport.fetch_many(requests, store)) as outcomes:
-                async for request, outcome in outcomes:
-                    if isinstance(outcome, MirrorError):
-                        failed(request.key, str(outcome))
-                        continue
-                    commits.add((request.key, False), outcome)
-                    progress.advance(outcome.bytes_downloaded)
-    finally:
-        progress.close()
-
-
-def _names_on_disk(dirs: set[str]) -> set[tuple[str, str]]:
-    """``(directory, name)`` of every entry in ``dirs`` (missing directories have none)."""
-    out: set[tuple[str, str]] = set()
-    for directory in dirs:
-        try:
-            with os.scandir(directory) as entries:
-                out.update((directory, entry.name) for entry in entries)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-    return out
-
-
-def _hash_existing(path: Path | str, size: int | None, sha256: str | None, md5: str | None) -> Entry | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    if size is not None and st.st_size != size:
-        return None
-    got_sha, got_md5 = hash_file(path)
-    if sha256 and got_sha != sha256.lower():
-        return None
-    if not sha256 and md5 and got_md5 != md5.lower():
-        return None
-    return Entry(st.st_size, got_sha, md5.lower() if md5 else got_md5, st.st_mtime_ns)
 
 
 def stray_files(store: Store, mirror: MirrorConfig, channel: Any, keep: set[str],
