@@ -41,6 +41,21 @@ def published(root: Path, subdir: str) -> dict[str, Any]:
     return {**doc["packages"], **doc["packages.conda"]}
 
 
+async def mirrored_without_a_hash(upstream: Any, write_config: Any) -> tuple[str, Any]:
+    """A file upstream gives no sha256 or md5 for, mirrored with ``verify_checksums: false``:
+    its name and the configuration that mirrored it."""
+    victim = upstream.files("linux-64")[0]
+
+    def edit(doc: dict[str, Any]) -> None:
+        for field in ("sha256", "md5"):
+            record_of(doc, victim).pop(field, None)
+
+    rewrite(upstream, "linux-64", edit)
+    config = write_config(upstream.channel_url, verify_checksums=False)
+    assert (await cli("sync", "-c", str(config.path), "--quiet"))[0] == 0
+    return victim, config
+
+
 BAD_FACTS = {
     "sha256 a number": {"sha256": 5},
     "sha256 not hex": {"sha256": "z" * 64},
@@ -82,15 +97,7 @@ async def test_a_hash_or_size_of_the_wrong_shape_refuses_the_file_whatever_the_s
 
 async def test_a_file_mirrored_without_a_hash_is_verified_against_the_one_recorded(
         upstream, write_config) -> None:
-    victim = upstream.files("linux-64")[0]
-
-    def edit(doc: dict[str, Any]) -> None:
-        for field in ("sha256", "md5"):
-            record_of(doc, victim).pop(field, None)
-
-    rewrite(upstream, "linux-64", edit)
-    config = write_config(upstream.channel_url, verify_checksums=False)
-    assert (await cli("sync", "-c", str(config.path), "--quiet"))[0] == 0
+    victim, config = await mirrored_without_a_hash(upstream, write_config)
     code, out, _ = await cli("verify", "-c", str(config.path))
     assert code == 0, out  # it said "the index gives no hash to check against", and exited 1
     path = config.root / MIRROR / "linux-64" / victim
@@ -270,15 +277,7 @@ async def test_turning_verify_checksums_back_on_refuses_a_file_mirrored_without_
         upstream, write_config) -> None:
     # The manifest vouches for the file on disk, but what it vouches for is only what
     # `verify_checksums: false` allowed: with the check back on, the file is not published.
-    victim = upstream.files("linux-64")[0]
-
-    def edit(doc: dict[str, Any]) -> None:
-        for field in ("sha256", "md5"):
-            record_of(doc, victim).pop(field, None)
-
-    rewrite(upstream, "linux-64", edit)
-    config = write_config(upstream.channel_url, verify_checksums=False)
-    assert (await cli("sync", "-c", str(config.path), "--quiet"))[0] == 0
+    victim, config = await mirrored_without_a_hash(upstream, write_config)
     assert victim in published(config.root, "linux-64")
     config = write_config(upstream.channel_url, verify_checksums=True)
     code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
