@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..records import Ecosystem
+from .sift import sift
 
 __all__ = ["filter_dates"]
 
@@ -25,15 +26,15 @@ def filter_dates(records: Iterable[Any], date_from: dt.date | None, date_to: dt.
         return list(records)
     low = _epoch(date_from) if date_from else float("-inf")
     high = _epoch(date_to + dt.timedelta(days=1)) if date_to else float("inf")
-    kept = []
-    for record in records:
+
+    def why(record: Any) -> str | None:
         seconds = eco.timestamp(record)
         if seconds is None:
-            dropped[record.key] = (NAME, "has no timestamp")
-        elif seconds < low:
-            dropped[record.key] = (NAME, f"built before {date_from}")
-        elif seconds >= high:
-            dropped[record.key] = (NAME, f"built after {date_to}")
-        else:
-            kept.append(record)
-    return kept
+            return "has no timestamp"
+        if seconds < low:
+            return f"built before {date_from}"
+        if seconds >= high:
+            return f"built after {date_to}"
+        return None
+
+    return sift(records, NAME, why, dropped)

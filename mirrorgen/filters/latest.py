@@ -10,6 +10,7 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 
 from ..records import Ecosystem
+from .sift import sift
 
 __all__ = ["filter_latest", "newest_versions"]
 
@@ -42,10 +43,5 @@ def filter_latest(records: list[Any], n: int | None, eco: Ecosystem,
     if not n:
         return records
     keep = newest_versions(records, n, eco)
-    kept = []
-    for record in records:
-        if record.key in keep:
-            kept.append(record)
-        else:
-            dropped[record.key] = (NAME, f"not among the newest {n} version{'s' if n > 1 else ''}")
-    return kept
+    older = f"not among the newest {n} version{'s' if n > 1 else ''}"
+    return sift(records, NAME, lambda record: None if record.key in keep else older, dropped)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..licenses import normalize_family
 from ..records import Ecosystem
+from .sift import sift
 
 __all__ = ["filter_licenses"]
 
@@ -26,18 +27,16 @@ def filter_licenses(records: Iterable[Any], licenses: Sequence[str], eco: Ecosys
     allowed = {normalize_family(x) for x in licenses if not x.startswith("-")}
     # A channel has a few dozen distinct family sets: each one's verdict is worked out once.
     verdicts: dict[frozenset[str], str | None] = {}
-    kept = []
-    for record in records:
+
+    def why(record: Any) -> str | None:
         families = eco.license_families(record)
         try:
-            reason = verdicts[families]
+            return verdicts[families]
         except KeyError:
             reason = verdicts[families] = _verdict(families, blocked, allowed)
-        if reason is None:
-            kept.append(record)
-        else:
-            dropped[record.key] = (NAME, reason)
-    return kept
+            return reason
+
+    return sift(records, NAME, why, dropped)
 
 
 def _verdict(families: frozenset[str], blocked: set[str], allowed: set[str]) -> str | None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..records import Ecosystem
+from .sift import sift
 
 __all__ = ["filter_python_versions"]
 
@@ -20,11 +21,6 @@ def filter_python_versions(records: Iterable[Any], versions: Sequence[str], eco:
                            dropped: dict[str, tuple[str, str]]) -> list[Any]:
     if not versions:
         return list(records)
-    wanted = ", ".join(versions)
-    kept = []
-    for record in records:
-        if eco.python_admits(record, versions) is False:
-            dropped[record.key] = (NAME, f"requires a python other than {wanted}")
-        else:
-            kept.append(record)
-    return kept
+    other = f"requires a python other than {', '.join(versions)}"
+    return sift(records, NAME, lambda record: other if eco.python_admits(record, versions) is False else None,
+                dropped)

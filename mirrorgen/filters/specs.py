@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..records import Ecosystem, Spec
+from .sift import sift
 
 __all__ = ["SpecSet", "filter_only", "filter_exclude", "filter_unreadable"]
 
@@ -47,36 +48,22 @@ class SpecSet:
 def filter_only(records: Iterable[Any], only: SpecSet, dropped: dict[str, tuple[str, str]]) -> list[Any]:
     if not only:
         return list(records)
-    kept = []
-    for record in records:
-        if only.match(record) is None:
-            dropped[record.key] = ("only", "matches no 'only' spec")
-        else:
-            kept.append(record)
-    return kept
+    return sift(records, "only", lambda record: "matches no 'only' spec" if only.match(record) is None else None,
+                dropped)
 
 
 def filter_exclude(records: Iterable[Any], exclude: SpecSet, dropped: dict[str, tuple[str, str]]) -> list[Any]:
     if not exclude:
         return list(records)
-    kept = []
-    for record in records:
+
+    def why(record: Any) -> str | None:
         spec = exclude.match(record)
-        if spec is None:
-            kept.append(record)
-        else:
-            dropped[record.key] = ("exclude", f"matches {spec.text!r}")
-    return kept
+        return None if spec is None else f"matches {spec.text!r}"
+
+    return sift(records, "exclude", why, dropped)
 
 
 def filter_unreadable(records: Iterable[Any], eco: Ecosystem, dropped: dict[str, tuple[str, str]]) -> list[Any]:
     """``records`` less those a spec could not be tested against (see Ecosystem.unreadable): run
     after the spec filters, which mark them as they try."""
-    kept = []
-    for record in records:
-        why = eco.unreadable(record)
-        if why is None:
-            kept.append(record)
-        else:
-            dropped[record.key] = ("malformed", why)
-    return kept
+    return sift(records, "malformed", eco.unreadable, dropped)
