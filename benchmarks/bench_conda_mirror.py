@@ -23,8 +23,8 @@ For context, beside curl: floors (``benchmarks/floors.py``), each one part of th
 simply as Python can, on the same files: ``receive`` (fetched and sha256-checked, nothing written),
 ``write`` (the files written and synced, no network), ``fetch`` (both: a mirror with no index,
 no atomic names and no record of what it holds), and ``both`` (``receive`` and ``write`` at once,
-each in a process of its own: the two parts overlapped with no interpreter shared). Each runs with 1 thread and with mirrorgen's
-concurrency where that can differ, and the faster is kept.
+each in a process of its own: the two parts overlapped with no interpreter shared). Each runs
+with 1 thread and with mirrorgen's concurrency where that can differ, and the faster is kept.
 
 The channel has a single subdir, linux-64 (conda-mirror mirrors one platform per invocation), with
 both .conda (~80%) and .tar.bz2 files: conda-mirror 0.10 reads ``packages.conda`` too. The package

@@ -15,8 +15,8 @@ small files, a few large ones carrying most of the bytes), served by a real ngin
   nothing written. ``write``: the same bytes written as mirrorgen writes them and synced, no
   network. ``both``: those two at once, each in a process of its own, so nothing but the cores
   and the disk is shared: how long those parts take on this machine when they overlap as well as
-  they can, before any start-up or index. mirrorgen does both (and the index) in one process, on the same
-  two cores.
+  they can, before any start-up or index. mirrorgen does both (and the index) in one process, on
+  the same two cores.
 
 Both write under ``work`` (the same filesystem); the upstream files are read right before each
 timed run so the page cache holds them for both (see common.warm), and dirty pages of the
