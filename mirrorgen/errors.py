@@ -136,12 +136,19 @@ class RepodataError(MirrorError, ValueError):
 
 class UnusableRecord(MirrorError, ValueError):
     """A record upstream lists that cannot be published as it is (not valid JSON to every
-    client): the index is not updated; the message says how to mirror the rest."""
+    client). The run leaves it out and makes the index again (mirrorgen.sync); past a few such
+    records it fails instead, and the message says how to mirror the rest. ``subdir`` is set by
+    the code that knows which subdir's index was being made."""
 
-    def __init__(self, fn: str, reason: str) -> None:
-        self.fn, self.reason = fn, reason
+    def __init__(self, fn: str, reason: str, subdir: str | None = None) -> None:
+        self.fn, self.reason, self.subdir = fn, reason, subdir
         super().__init__(f"upstream's record {one_line(fn)} cannot be published: {reason} "
                          "(exclude that package to mirror the rest)")
+
+    @property
+    def key(self) -> str | None:
+        """The record's key (``<subdir>/<fn>``), once its subdir is known."""
+        return None if self.subdir is None else f"{self.subdir}/{self.fn}"
 
 
 class ChecksumMismatch(MirrorError, ValueError):

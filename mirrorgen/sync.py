@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, MirrorConfig
-from .errors import ConfigError, MirrorError, UsageError, describe_os_error, one_line
+from .errors import ConfigError, MirrorError, UnusableRecord, UsageError, describe_os_error, one_line
 from .fetching import fetch_all, plan
 from .filters import FilterOutcome, apply_filters
 from .manifest import Manifest
@@ -179,7 +179,7 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
         with result.timed("publish"), _collector_paused():
             publish = ([r for r in outcome.kept if channel.relpath(r) not in result.failed]
                        if result.failed else outcome.kept)
-            await asyncio.to_thread(_publish, store, mirror, channel, publish, result)
+            publish = await _publish_usable(store, mirror, channel, publish, result, progress)
             store.write_state(mirror.name, "index-cache.json", channel.state(store.mirror_dir(mirror.name)),
                               indent=False)
 
@@ -210,6 +210,35 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+# How many records no client could read (UnusableRecord) a run leaves out, making the index
+# again each time, before it gives up and fails with the last one's message.
+MAX_UNUSABLE = 10
+
+
+async def _publish_usable(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any],
+                          result: RunResult, progress: Progress) -> list[Any]:
+    """:func:`_publish`, less any record found unusable while its shard is encoded: such a record
+    fails alone, as a file that could not be fetched does (the run exits 1 and names it), and
+    the index is made again without it; the records published.
+
+    Finding one costs a second rendering, but costs nothing when there is none: checking every
+    record beforehand would mean decoding each in full, which the metadata path avoids (see
+    README, Performance). A failed rendering leaves the published index as it was."""
+    left_out = 0
+    while True:
+        try:
+            await asyncio.to_thread(_publish, store, mirror, channel, publish, result)
+            return publish
+        except UnusableRecord as exc:
+            key = exc.key
+            if key is None or key in result.failed or left_out == MAX_UNUSABLE:
+                raise
+            left_out += 1
+            result.failed[key] = f"cannot be published: {exc.reason}"
+            progress.log(f"{mirror.name}: failed: {key}: {result.failed[key]}")
+            publish = [r for r in publish if channel.relpath(r) != key]
 
 
 def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any], result: RunResult) -> None:

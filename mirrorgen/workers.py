@@ -24,7 +24,7 @@ from typing import IO, Any, Final, cast
 
 import msgpack
 
-from .errors import MirrorError
+from .errors import MirrorError, UnusableRecord
 from .fdio import write_all
 
 __all__ = ["WorkerPool", "JOBS"]
@@ -202,6 +202,8 @@ class WorkerPool:
         if not isinstance(reply, list) or len(reply) != 2:
             raise WorkerError(f"worker process {proc.pid} exited (code {proc.poll()})")
         status, value = reply
+        if status == "unusable":
+            raise UnusableRecord(*value)
         if status == "mirror-error":
             raise MirrorError(value)
         if status != "ok":
@@ -247,8 +249,10 @@ def main() -> int:
         job, task = cast("list[Any]", message)  # [job name, task], as the parent's _send wrote it
         try:
             _send(stdout, ["ok", JOBS[job](task)])
-        except MirrorError as exc:  # the input's fault (a record no client could read): the
-            _send(stdout, ["mirror-error", str(exc)])  # parent reports it as one line
+        except UnusableRecord as exc:  # a record no client could read: the parent leaves it out
+            _send(stdout, ["unusable", [exc.fn, exc.reason]])
+        except MirrorError as exc:  # the input's fault: the parent reports it as one line
+            _send(stdout, ["mirror-error", str(exc)])
         except Exception as exc:  # reported to the parent, which raises it there
             _send(stdout, ["error", f"{type(exc).__name__}: {exc}"])
 

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from mirrorgen.errors import UnusableRecord
 from mirrorgen.store import Store
 from mirrorgen.sync import sync_mirror
 from tests.support.cli import cli
@@ -204,27 +205,71 @@ async def test_a_timestamp_past_any_date_is_no_timestamp(upstream, write_config)
     assert all(0 <= p.get("timestamp", 0) < 253402300800 for p in channeldata["packages"].values())
 
 
-async def test_a_number_no_client_can_read_fails_the_index_naming_the_record(upstream, write_config) -> None:
-    # msgspec passes over 1e400 in a field it does not decode; orjson (the shards) and serde
-    # (rattler) refuse it. Published, it would break every client of the subdir.
-    victim = upstream.files("linux-64")[0]
-
+def huge_numbers(upstream: Any, victims: list[str]) -> None:
+    """Give each of ``victims`` a field whose value is 1e400: msgspec passes over it in a field it
+    does not decode; orjson (the shards) and serde (rattler) refuse it. Published, it would
+    break every client of the subdir."""
     def edit(doc: dict[str, Any]) -> None:
-        record_of(doc, victim)["x-huge"] = 12345
+        for victim in victims:
+            record_of(doc, victim)["x-huge"] = 12345
 
     rewrite(upstream, "linux-64", edit, raw=lambda data: data.replace(b'"x-huge":12345', b'"x-huge":1e400'))
-    config = write_config(upstream.channel_url, mode="passive", subdirs=["linux-64"])
+
+
+@pytest.mark.parametrize("mode", ["passive", "active"])
+async def test_a_record_with_a_number_no_client_can_read_is_left_out_alone(
+        upstream, write_config, mode: str) -> None:
+    victims = upstream.files("linux-64")[:2]
+    huge_numbers(upstream, victims)
+    config = write_config(upstream.channel_url, mode=mode, subdirs=["linux-64"])
+    code, out, err = await cli("sync", "-c", str(config.path), "--quiet")
+    assert code == 1 and "Traceback" not in err, err
+    for victim in victims:
+        assert f"FAILED linux-64/{victim}: cannot be published: not valid JSON" in err
+    kept = published(config.root, "linux-64")  # orjson reads it: no 1e400 left in it
+    assert set(kept) == set(upstream.files("linux-64")) - set(victims)
+    assert Store(config.root).read_state(MIRROR, "status.json")["state"] == "failed"
+    # What clients read first agrees: every shard the index names decodes, none has a victim.
+    assert (await cli("verify", "-c", str(config.path)))[0] == 0
+    # The next run finds the same records and leaves them out again, nothing else changed.
     code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
-    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert victim in err and "cannot be published" in err
+    assert code == 1 and all(victim in err for victim in victims), err
+    assert set(published(config.root, "linux-64")) == set(kept)
+
+
+async def test_a_record_no_client_can_read_is_left_out_by_the_worker_processes_too(
+        upstream, write_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mirrorgen.conda.writer
+
+    monkeypatch.setattr(mirrorgen.conda.writer, "POOL_MIN_RECORDS", 1)  # shards encoded by workers
+    monkeypatch.setattr(mirrorgen.conda.writer, "_cores", lambda: 2)
+    victim = upstream.files("linux-64")[0]
+    huge_numbers(upstream, [victim])
+    config = write_config(upstream.channel_url, mode="passive", subdirs=["linux-64"])
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert list(result.failed) == [f"linux-64/{victim}"], result.failed
+    assert set(published(config.root, "linux-64")) == set(upstream.files("linux-64")) - {victim}
+
+
+async def test_past_the_limit_unusable_records_fail_the_index_and_the_message_says_what_to_do(
+        upstream, write_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mirrorgen.sync
+
+    monkeypatch.setattr(mirrorgen.sync, "MAX_UNUSABLE", 1)
+    victims = upstream.files("linux-64")[:2]
+    huge_numbers(upstream, victims)
+    config = write_config(upstream.channel_url, mode="passive", subdirs=["linux-64"])
+    with pytest.raises(UnusableRecord) as caught:
+        await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert "cannot be published" in str(caught.value) and "exclude that package" in str(caught.value)
     assert not (config.root / MIRROR / "linux-64" / "repodata.json").exists()
     # Doing what the message says mirrors the rest.
-    name = victim.rsplit("-", 2)[0]
+    names = [victim.rsplit("-", 2)[0] for victim in victims]
     config = write_config(upstream.channel_url, mode="passive", subdirs=["linux-64"],
-                          filters={"exclude": [name]})
-    code, _, err = await cli("sync", "-c", str(config.path), "--quiet")
-    assert code == 0, err
-    assert victim not in published(config.root, "linux-64")
+                          filters={"exclude": names})
+    result = await sync_mirror(config, config.mirrors[0], Store(config.root), progress=False)
+    assert not result.failed
+    assert not set(victims) & set(published(config.root, "linux-64"))
 
 
 async def test_a_record_that_is_not_utf8_is_refused_and_the_rest_mirrored(upstream, write_config) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Final
 import orjson
 
 from ..config import MirrorConfig
+from ..errors import UnusableRecord
 from ..manifest import hash_file
 from ..transport import Transport
 from ..urls import join_url
@@ -235,19 +236,26 @@ class CondaChannel:
         temp_dirs = ({s: mirror_dir / s / SHARDS_DIR for s in subdirs if plans[s].misses}
                      if mirror_dir is not None and temp_prefix is not None else None)
 
+        def subdir_shards(subdir: str) -> Iterator[IndexFile]:
+            if temp_dirs is not None and temp_prefix is not None:
+                directory = temp_dirs.get(subdir)
+                if directory is None:
+                    return
+                directory.mkdir(parents=True, exist_ok=True)
+                for relpath, tmp in plans[subdir].write(directory, temp_prefix):
+                    yield IndexFile(f"{subdir}/{relpath}", None, immutable=True, staged=tmp)
+                return
+            for relpath, data in plans[subdir].encode():
+                yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
+
         def new() -> Iterator[IndexFile]:
             # Yielded as the encoder makes them: each is written while the next is encoded.
             for subdir in subdirs:
-                if temp_dirs is not None and temp_prefix is not None:
-                    directory = temp_dirs.get(subdir)
-                    if directory is None:
-                        continue
-                    directory.mkdir(parents=True, exist_ok=True)
-                    for relpath, tmp in plans[subdir].write(directory, temp_prefix):
-                        yield IndexFile(f"{subdir}/{relpath}", None, immutable=True, staged=tmp)
-                    continue
-                for relpath, data in plans[subdir].encode():
-                    yield IndexFile(f"{subdir}/{relpath}", data, immutable=True)
+                try:
+                    yield from subdir_shards(subdir)
+                except UnusableRecord as exc:  # the record's key, for the run to leave it out
+                    exc.subdir = subdir
+                    raise
             self._state = {"shards": {s: plans[s].cache for s in subdirs}}
             self._fingerprints = fingerprints()
 
