@@ -24,7 +24,7 @@ from typing import IO, Any, Final, cast
 
 import msgpack
 
-from .errors import MirrorError, UnusableRecord
+from .errors import UnusableRecord
 from .fdio import write_all
 
 __all__ = ["WorkerPool", "JOBS"]
@@ -204,8 +204,6 @@ class WorkerPool:
         status, value = reply
         if status == "unusable":
             raise UnusableRecord(*value)
-        if status == "mirror-error":
-            raise MirrorError(value)
         if status != "ok":
             raise WorkerError(f"worker process {proc.pid}: {value}")
         return list(value)
@@ -251,8 +249,6 @@ def main() -> int:
             _send(stdout, ["ok", JOBS[job](task)])
         except UnusableRecord as exc:  # a record no client could read: the parent leaves it out
             _send(stdout, ["unusable", [exc.fn, exc.reason]])
-        except MirrorError as exc:  # the input's fault: the parent reports it as one line
-            _send(stdout, ["mirror-error", str(exc)])
         except Exception as exc:  # reported to the parent, which raises it there
             _send(stdout, ["error", f"{type(exc).__name__}: {exc}"])
 

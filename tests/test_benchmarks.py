@@ -43,8 +43,9 @@ def test_benchmark_1_runs_and_both_sides_keep_the_same_records(tmp_path: Path) -
 
 def test_floors_check_every_file_and_write_each_in_full(tmp_path: Path) -> None:
     """The floors are figures the README compares mirrorgen against, so they must do the work
-    they claim: a file whose bytes are not upstream's sha256 fails ``receive``, ``fetch`` and ``both``,
-    and what ``write``, ``fetch`` and ``both`` leave is every file at its size (``fetch``: its very bytes)."""
+    they claim: a file whose bytes are not upstream's sha256 fails ``receive``, ``fetch`` and
+    ``both``, and what ``write``, ``fetch`` and ``both`` leave is every file at its size
+    (``fetch``: its very bytes)."""
     up = tmp_path / "up"
     synth.generate_conda(up, 40, files=True, size_range=(1, 600 << 10))
     listed = tmp_path / "files.json"
