@@ -177,6 +177,8 @@ def _summarise(result: Any) -> None:
             print(f"  fetch {relpath}")
         for relpath in result.removed[:50]:
             print(f"  remove {relpath}")
+        for relpath, why in sorted(result.failed.items()):
+            print(f"  WOULD FAIL {relpath}: {why}", file=sys.stderr)
         return
     print(f"{result.mirror}: {result.state}: {result.kept - len(result.failed)} of {result.upstream} records "
           f"published; {result.downloaded} downloaded ({result.bytes_downloaded} bytes), "

@@ -16,7 +16,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +160,19 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
 
         if dry_run:
             result.would_download = [relpath for _, relpath, _, _ in todo]
-            if clean:
-                keep = {channel.relpath(r) for r in outcome.kept}
-                base = store.mirror_dir(mirror.name)
-                if base.is_dir():  # else nothing is there to remove
-                    index_files = await asyncio.to_thread(
-                        channel.index_files_after, outcome.kept, base,
-                        store.read_state(mirror.name, "index-cache.json"))
-                    result.removed = stray_files(store, mirror, channel, keep, index_files)
+            base = store.mirror_dir(mirror.name)
+            if clean and base.is_dir():  # else nothing is there to remove
+                state = store.read_state(mirror.name, "index-cache.json")
+                index_files: set[str] = set()
+
+                def listed(records: list[Any]) -> None:
+                    nonlocal index_files
+                    index_files = channel.index_files_after(records, base, state)
+
+                # As the real run would publish it: less any record no client could read.
+                kept = await _leaving_out_unusable(listed, mirror, channel, outcome.kept, result, progress)
+                keep = {channel.relpath(r) for r in kept}
+                result.removed = stray_files(store, mirror, channel, keep, index_files)
             progress.log(f"{mirror.name}: dry run: {len(todo)} files to fetch, "
                          f"{len(result.removed)} to remove, {len(outcome.kept)} records to publish")
             return
@@ -217,19 +222,20 @@ def _collector_paused() -> Iterator[None]:
 MAX_UNUSABLE = 10
 
 
-async def _publish_usable(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any],
-                          result: RunResult, progress: Progress) -> list[Any]:
-    """:func:`_publish`, less any record found unusable while its shard is encoded: such a record
-    fails alone, as a file that could not be fetched does (the run exits 1 and names it), and
-    the index is made again without it; the records published.
+async def _leaving_out_unusable(render: Callable[[list[Any]], None], mirror: MirrorConfig,
+                                channel: Any, publish: list[Any], result: RunResult,
+                                progress: Progress) -> list[Any]:
+    """``render(publish)`` on a thread, less any record it finds unusable while that record's shard
+    is encoded: such a record fails alone, as a file that could not be fetched does (the run
+    exits 1 and names it), and ``render`` runs again without it; the records it last ran with.
 
     Finding one costs a second rendering, but costs nothing when there is none: checking every
     record beforehand would mean decoding each in full, which the metadata path avoids (see
-    README, Performance). A failed rendering leaves the published index as it was."""
+    README, Performance). Past MAX_UNUSABLE such records, the last one's error is raised."""
     left_out = 0
     while True:
         try:
-            await asyncio.to_thread(_publish, store, mirror, channel, publish, result)
+            await asyncio.to_thread(render, publish)
             return publish
         except UnusableRecord as exc:
             key = exc.key
@@ -239,6 +245,15 @@ async def _publish_usable(store: Store, mirror: MirrorConfig, channel: Any, publ
             result.failed[key] = f"cannot be published: {exc.reason}"
             progress.log(f"{mirror.name}: failed: {key}: {result.failed[key]}")
             publish = [r for r in publish if channel.relpath(r) != key]
+
+
+async def _publish_usable(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any],
+                          result: RunResult, progress: Progress) -> list[Any]:
+    """:func:`_publish`, less any record no client could read (:func:`_leaving_out_unusable`): the
+    records published. A failed rendering leaves the published index as it was."""
+    return await _leaving_out_unusable(
+        lambda records: _publish(store, mirror, channel, records, result), mirror, channel, publish,
+        result, progress)
 
 
 def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any], result: RunResult) -> None:

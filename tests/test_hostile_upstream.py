@@ -237,6 +237,29 @@ async def test_a_record_with_a_number_no_client_can_read_is_left_out_alone(
     assert set(published(config.root, "linux-64")) == set(kept)
 
 
+async def test_a_dry_run_with_clean_names_a_record_no_client_can_read_and_lists_what_the_run_removes(
+        upstream, write_config) -> None:
+    config = write_config(upstream.channel_url, subdirs=["linux-64"])
+    assert (await cli("sync", "-c", str(config.path), "--quiet"))[0] == 0
+    victim = upstream.files("linux-64")[0]
+    huge_numbers(upstream, [victim])
+    tree_before = sorted(config.root.rglob("*"))
+    code, out, err = await cli("sync", "-c", str(config.path), "--clean", "--dry-run")
+    assert code == 1 and "Traceback" not in err, err
+    assert f"linux-64/{victim}: cannot be published: not valid JSON" in err
+    would = sorted(line.split()[1] for line in out.splitlines() if line.startswith("  remove "))
+    assert sorted(config.root.rglob("*")) == tree_before  # a dry run writes nothing
+    # The real run leaves the record out of the index, so its file goes with --clean, and so does
+    # its name's shard, made again without it: what the dry run said.
+    code, out, err = await cli("sync", "-c", str(config.path), "--clean", "--json")
+    assert code == 1, err
+    doc = json.loads(out)["mirrors"][0]
+    assert list(doc["failed"]) == [f"linux-64/{victim}"]
+    assert f"linux-64/{victim}" in would and any("/shards/" in relpath for relpath in would)
+    assert sorted(doc["removed"]) == would
+    assert victim not in published(config.root, "linux-64")
+
+
 async def test_a_record_no_client_can_read_is_left_out_by_the_worker_processes_too(
         upstream, write_config, monkeypatch: pytest.MonkeyPatch) -> None:
     import mirrorgen.conda.writer
