@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Config, MirrorConfig
 from .errors import ConfigError, MirrorError, UnusableRecord, UsageError, describe_os_error, one_line
@@ -33,6 +33,8 @@ from .tempfiles import Temp, fsync_path
 from .transport import Transport
 
 __all__ = ["RunResult", "sync_mirror", "channel_for", "stray_files"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -163,14 +165,10 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
             base = store.mirror_dir(mirror.name)
             if clean and base.is_dir():  # else nothing is there to remove
                 state = store.read_state(mirror.name, "index-cache.json")
-                index_files: set[str] = set()
-
-                def listed(records: list[Any]) -> None:
-                    nonlocal index_files
-                    index_files = channel.index_files_after(records, base, state)
-
                 # As the real run would publish it: less any record no client could read.
-                kept = await _leaving_out_unusable(listed, mirror, channel, outcome.kept, result, progress)
+                kept, index_files = await _leaving_out_unusable(
+                    lambda records: channel.index_files_after(records, base, state), mirror, channel,
+                    outcome.kept, result, progress)
                 keep = {channel.relpath(r) for r in kept}
                 result.removed = stray_files(store, mirror, channel, keep, index_files)
             progress.log(f"{mirror.name}: dry run: {len(todo)} files to fetch, "
@@ -222,12 +220,13 @@ def _collector_paused() -> Iterator[None]:
 MAX_UNUSABLE = 10
 
 
-async def _leaving_out_unusable(render: Callable[[list[Any]], None], mirror: MirrorConfig,
+async def _leaving_out_unusable(render: Callable[[list[Any]], T], mirror: MirrorConfig,
                                 channel: Any, publish: list[Any], result: RunResult,
-                                progress: Progress) -> list[Any]:
+                                progress: Progress) -> tuple[list[Any], T]:
     """``render(publish)`` on a thread, less any record it finds unusable while that record's shard
     is encoded: such a record fails alone, as a file that could not be fetched does (the run
-    exits 1 and names it), and ``render`` runs again without it; the records it last ran with.
+    exits 1 and names it), and ``render`` runs again without it. The records it last ran with,
+    and what it returned.
 
     Finding one costs a second rendering, but costs nothing when there is none: checking every
     record beforehand would mean decoding each in full, which the metadata path avoids (see
@@ -235,8 +234,7 @@ async def _leaving_out_unusable(render: Callable[[list[Any]], None], mirror: Mir
     left_out = 0
     while True:
         try:
-            await asyncio.to_thread(render, publish)
-            return publish
+            return publish, await asyncio.to_thread(render, publish)
         except UnusableRecord as exc:
             key = exc.key
             if key is None or key in result.failed or left_out == MAX_UNUSABLE:
@@ -251,9 +249,10 @@ async def _publish_usable(store: Store, mirror: MirrorConfig, channel: Any, publ
                           result: RunResult, progress: Progress) -> list[Any]:
     """:func:`_publish`, less any record no client could read (:func:`_leaving_out_unusable`): the
     records published. A failed rendering leaves the published index as it was."""
-    return await _leaving_out_unusable(
+    published, _ = await _leaving_out_unusable(
         lambda records: _publish(store, mirror, channel, records, result), mirror, channel, publish,
         result, progress)
+    return published
 
 
 def _publish(store: Store, mirror: MirrorConfig, channel: Any, publish: list[Any], result: RunResult) -> None:
