@@ -246,7 +246,7 @@ async def test_a_dry_run_with_clean_names_a_record_no_client_can_read_and_lists_
     tree_before = sorted(config.root.rglob("*"))
     code, out, err = await cli("sync", "-c", str(config.path), "--clean", "--dry-run")
     assert code == 1 and "Traceback" not in err, err
-    assert f"linux-64/{victim}: cannot be published: not valid JSON" in err
+    assert f"WOULD FAIL linux-64/{victim}: cannot be published: not valid JSON" in err
     would = sorted(line.split()[1] for line in out.splitlines() if line.startswith("  remove "))
     assert sorted(config.root.rglob("*")) == tree_before  # a dry run writes nothing
     # The real run leaves the record out of the index, so its file goes with --clean, and so does
