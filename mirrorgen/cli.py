@@ -171,8 +171,8 @@ def _cmd_sync(args: argparse.Namespace, config: Config, mirrors: Any, store: Sto
 
 def _summarise(result: Any) -> None:
     if result.dry_run:
-        print(f"{result.mirror}: dry run: {result.kept} of {result.upstream} records would be published; "
-              f"{len(result.would_download)} files to fetch; {len(result.removed)} to remove")
+        print(f"{result.mirror}: dry run: {result.kept - len(result.failed)} of {result.upstream} records "
+              f"would be published; {len(result.would_download)} files to fetch; {len(result.removed)} to remove")
         for relpath in result.would_download[:50]:
             print(f"  fetch {relpath}")
         for relpath in result.removed[:50]:

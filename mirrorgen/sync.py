@@ -162,17 +162,17 @@ async def _run(mirror: MirrorConfig, store: Store, channel: Any, result: RunResu
 
         if dry_run:
             result.would_download = [relpath for _, relpath, _, _ in todo]
-            base = store.mirror_dir(mirror.name)
+            kept, base = outcome.kept, store.mirror_dir(mirror.name)
             if clean and base.is_dir():  # else nothing is there to remove
                 state = store.read_state(mirror.name, "index-cache.json")
                 # As the real run would publish it: less any record no client could read.
                 kept, index_files = await _leaving_out_unusable(
                     lambda records: channel.index_files_after(records, base, state), mirror, channel,
-                    outcome.kept, result, progress)
+                    kept, result, progress)
                 keep = {channel.relpath(r) for r in kept}
                 result.removed = stray_files(store, mirror, channel, keep, index_files)
             progress.log(f"{mirror.name}: dry run: {len(todo)} files to fetch, "
-                         f"{len(result.removed)} to remove, {len(outcome.kept)} records to publish")
+                         f"{len(result.removed)} to remove, {len(kept)} records to publish")
             return
 
         if todo:
