@@ -223,7 +223,12 @@ class Lane:
             sink.open(direct=size is not None and size >= DIRECT_MIN)
             got = 0
             filled = 0  # direct: bytes received into buf, not written yet
-            while True:
+            # A small file's whole body often came with its headers (or an earlier response's).
+            body = None if sink.direct else resp.read_received()
+            if body is not None:
+                sink.write(memoryview(body))
+                got = len(body)
+            while body is None:
                 # With a known size, never ask for more than one byte past it: a longer body is
                 # cut off as soon as it shows.
                 view = buf[filled:] if sink.direct else buf
@@ -270,8 +275,7 @@ class Lane:
                 data = encode_request(target, host_header(key), headers, method)
             resp = self._request(job, key, data, pipeline=not hop and job.batch is not None,
                                  head=method == "HEAD")
-            location = resp.getheader("Location")
-            if resp.status not in _REDIRECT_STATUS or not location:
+            if resp.status not in _REDIRECT_STATUS or not (location := resp.getheader("Location")):
                 return key, resp
             try:
                 resp.read(1 << 16)  # a redirect's body is short; more and the connection goes

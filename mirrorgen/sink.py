@@ -77,7 +77,7 @@ class Sink:
         parent = os.path.dirname(self.final)
         known = self.dirs is not None and parent in self.dirs
         self.tmp, self.fd = self.store.open_temp(self.final, parent_exists=known, anonymous=True,
-                                                 direct=direct)
+                                                 direct=direct, parent=parent)
         self.direct = direct and is_direct(self.fd)
         if self.dirs is not None and not known:
             self.dirs.add(parent)

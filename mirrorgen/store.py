@@ -270,13 +270,15 @@ class Store:
 
     @overload
     def open_temp(self, final: Path | str, *, parent_exists: bool = False,
-                  anonymous: Literal[False] = False, direct: bool = False) -> tuple[Path, int]: ...
+                  anonymous: Literal[False] = False, direct: bool = False,
+                  parent: str | None = None) -> tuple[Path, int]: ...
     @overload
     def open_temp(self, final: Path | str, *, parent_exists: bool = False,
-                  anonymous: bool, direct: bool = False) -> tuple[Temp, int]: ...
+                  anonymous: bool, direct: bool = False, parent: str | None = None) -> tuple[Temp, int]: ...
 
     def open_temp(self, final: Path | str, *, parent_exists: bool = False,
-                  anonymous: bool = False, direct: bool = False) -> tuple[Temp, int]:
+                  anonymous: bool = False, direct: bool = False,
+                  parent: str | None = None) -> tuple[Temp, int]:
         """A new temporary file next to ``final``, and a raw file descriptor for writes from a
         worker thread. ``parent_exists``: the caller has seen the directory already (one system
         call instead of three; made again if it is gone).
@@ -289,10 +291,12 @@ class Store:
         :meth:`discard_temps`.
 
         ``direct``: opened with ``O_DIRECT`` where the directory's filesystem takes it
-        (:func:`is_direct` says); the caller then writes through :func:`write_direct`."""
+        (:func:`is_direct` says); the caller then writes through :func:`write_direct`.
+        ``parent``: ``final``'s directory, if the caller has it already."""
         # The directory as a string: pathlib's parent, hash and str cost more than the rest of a
         # small file's staging, once per file, for thousands of files.
-        parent = os.path.dirname(final)
+        if parent is None:
+            parent = os.path.dirname(final)
         if not parent_exists:
             os.makedirs(parent, exist_ok=True)
         extra = O_DIRECT if direct and parent not in NO_DIRECT else 0
