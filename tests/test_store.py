@@ -98,13 +98,15 @@ def test_the_descriptor_limit_leaves_most_descriptors_to_the_rest() -> None:
     assert 0 < limit <= min(16384, soft // 2)
 
 
-@pytest.mark.parametrize("held", [True, False], ids=["libc-keeping-the-GIL", "os-functions"])
+@pytest.mark.parametrize("way", ["by-descriptor", "through-proc", "os-functions"])
 def test_linking_and_closing_unnamed_temps_with_and_without_ctypes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str) -> None:
     calls = tempfiles._HeldCalls()
-    if not held:  # no ctypes or no libc: the os functions
+    if way == "through-proc":  # as after a kernel refused linkat(fd, "", AT_EMPTY_PATH)
+        calls._by_fd = False
+    if way == "os-functions":  # no ctypes or no libc
         calls._linkat = calls._close = None
-    assert (calls._linkat is not None) is held
+    assert (calls._linkat is not None) is (way != "os-functions")
     monkeypatch.setattr(tempfiles, "_HELD", calls)
     store = Store(tmp_path)
     before = open_fds()
@@ -118,8 +120,10 @@ def test_linking_and_closing_unnamed_temps_with_and_without_ctypes(
     # An error names the file, as os.link's would, and the caller can still discard the rest.
     temps = store.stage_batch(items(tmp_path / "gone", 2))
     os.rmdir(tmp_path / "gone" / "m" / "shards")  # unnamed files: the directory is empty
+    by_fd = calls._by_fd  # False after "by-descriptor" only where the kernel refuses it
     with pytest.raises(FileNotFoundError) as info:
         store.publish_temps(temps)
     assert str(tmp_path / "gone" / "m" / "shards" / "s0.msgpack.zst") in str(info.value)
+    assert calls._by_fd is by_fd  # an error both ways have does not change the way
     Store.discard_temps(temps)
     assert open_fds() == before
