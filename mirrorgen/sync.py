@@ -241,7 +241,8 @@ async def _leaving_out_unusable(render: Callable[[list[Any]], T], mirror: Mirror
                 raise
             left_out += 1
             result.failed[key] = f"cannot be published: {exc.reason}"
-            progress.log(f"{mirror.name}: failed: {key}: {result.failed[key]}")
+            progress.log(f"{mirror.name}: {'would fail' if result.dry_run else 'failed'}: {key}: "
+                         f"{result.failed[key]}")
             publish = [r for r in publish if channel.relpath(r) != key]
 
 

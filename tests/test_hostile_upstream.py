@@ -247,6 +247,8 @@ async def test_a_dry_run_with_clean_names_a_record_no_client_can_read_and_lists_
     code, out, err = await cli("sync", "-c", str(config.path), "--clean", "--dry-run")
     assert code == 1 and "Traceback" not in err, err
     assert f"WOULD FAIL linux-64/{victim}: cannot be published: not valid JSON" in err
+    # Its progress log says so in the same words: nothing failed, since nothing was tried.
+    assert f": would fail: linux-64/{victim}" in err and f": failed: linux-64/{victim}" not in err
     would_publish, _, of = out.split("dry run: ", 1)[1].split(" records would be published")[0].partition(" of ")
     assert int(would_publish) == int(of) - 1  # the record left out, as the real run leaves it
     would = sorted(line.split()[1] for line in out.splitlines() if line.startswith("  remove "))
